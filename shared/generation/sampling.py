@@ -1,0 +1,85 @@
+"""Per-row top-k sampling with counter-based randomness.
+
+Each request draws its noise from a hash of (seed, frame, codebook, token id) instead of a
+shared generator, so its tokens depend only on its own inputs and seed, never on which other
+requests share the batch, and no generator state has to be carried between frames. Sampling
+is the Gumbel-max trick over the top-k candidates: argmax(logit / T + Gumbel) draws from
+softmax(logit / T) restricted to the top k, exactly what the reference's
+argmax(p / Exp(1)) draw does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32), without int64 overflow."""
+    high = ((x >> 16) * c) & 0xFFFF
+    return ((high << 16) + (x & 0xFFFF) * c) & _MASK32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (xor-shift-multiply, 'lowbias32' constants)."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform_from_hash(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes → float32 uniforms strictly inside (0, 1)."""
+    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+@dataclass
+class RowSampling:
+    """Sampling state of the rows that draw tokens this frame (one per request).
+
+    `cond` and `uncond` index the logits rows of each request (equal when it has no guidance);
+    `owner` maps every batch row to the request row whose token it receives.
+    """
+
+    cond: torch.Tensor  # [p] int64
+    uncond: torch.Tensor  # [p] int64
+    owner: torch.Tensor  # [n] int64
+    cfg_scale: torch.Tensor  # [p] float32
+    temperature: torch.Tensor  # [p] float32
+    top_k: torch.Tensor  # [p] int64
+    seed: torch.Tensor  # [p] int64, non-negative
+    frame: torch.Tensor  # [p] int64, the request's own frame counter
+    max_top_k: int
+
+
+class TokenSampler:
+    """Draws one token per request from guided, temperature-scaled, top-k filtered logits."""
+
+    def __init__(self, vocab_size: int, invalid_ids: list[int], device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.invalid = torch.zeros(vocab_size, device=device)
+        self.invalid[invalid_ids] = float("-inf")
+        self.token_hash = hash32(torch.arange(vocab_size, device=device, dtype=torch.int64))
+
+    def row_keys(self, rows: RowSampling, codebook: int) -> torch.Tensor:
+        counter = hash32(rows.frame * 16 + codebook)
+        return hash32((rows.seed & _MASK32) ^ hash32((rows.seed >> 32) ^ counter))
+
+    def pick(self, logits: torch.Tensor, codebook: int, rows: RowSampling) -> torch.Tensor:
+        """Float logits [n, vocab] for all batch rows → token ids [n] (int64)."""
+        cond, uncond = logits[rows.cond], logits[rows.uncond]
+        guided = uncond + (cond - uncond) * rows.cfg_scale.unsqueeze(1)
+        guided = (guided + self.invalid) / rows.temperature.unsqueeze(1)
+        k = min(rows.max_top_k, self.vocab_size)
+        values, ids = guided.topk(k, dim=-1)
+        rank = torch.arange(k, device=logits.device)
+        values = values.masked_fill(rank >= rows.top_k.unsqueeze(1), float("-inf"))
+        key = self.row_keys(rows, codebook).unsqueeze(1)
+        u = uniform_from_hash(hash32(key ^ self.token_hash[ids]))
+        choice = (values - torch.log(-torch.log(u))).argmax(dim=-1, keepdim=True)
+        return ids.gather(1, choice).squeeze(1)[rows.owner]
