@@ -1,0 +1,221 @@
+"""Job pipelines over the models: generate (tokens → audio), decode and encode.
+
+Plain functions over arrays with a progress callback and an abort check; they know nothing of
+Celery, Redis or the object store, so workers and one-shot runs share them. Codec calls go
+through `load_codec` / `load_encoder` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import soundfile
+
+from shared.generation.engine import GenerationEngine, GenerationRequest
+from shared.models.heartmula import CODEC_CODES
+
+SAMPLE_RATE = 48_000
+SAMPLES_PER_FRAME = 3840  # 80 ms at 48 kHz
+NUM_CODEBOOKS = 8
+# Share of a generate job's progress spent generating tokens; decoding takes the rest.
+GENERATE_SHARE = 0.8
+
+AUDIO_FORMATS = {"flac": "FLAC", "wav": "WAV", "mp3": "MP3"}
+AUDIO_CONTENT_TYPES = {"flac": "audio/flac", "wav": "audio/wav", "mp3": "audio/mpeg"}
+
+
+class PipelineAborted(Exception):
+    """The job's abort check said stop; nothing it produced should be kept."""
+
+
+class PipelineInputError(ValueError):
+    """A job input (tokens, audio) that the models cannot take; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class Progress(Protocol):
+    def __call__(
+        self,
+        stage: str,
+        fraction: float,
+        frames_done: int | None = None,
+        frames_total: int | None = None,
+    ) -> None:
+        """`fraction` (0–1) of the whole pipeline is done; `stage` names what runs now."""
+
+
+AbortCheck = Callable[[], bool]
+
+
+class Codec(Protocol):
+    def detokenize(
+        self,
+        codes: np.ndarray,
+        *,
+        steps: int = ...,
+        seed: int = ...,
+        on_progress: Callable[[float], None] | None = ...,
+        should_abort: Callable[[], bool] | None = ...,
+    ) -> Any: ...
+
+
+class Encoder(Protocol):
+    def tokenize(self, audio: np.ndarray, sample_rate: int) -> Any: ...
+
+
+def load_codec(model_dir: Path, device: str | None = None) -> Codec:
+    """The HeartCodec decoder of a model directory (it picks its own dtype: fp32)."""
+    from shared.codec.decoder import load_codec as load
+
+    return load(model_dir, device=device)
+
+
+def load_encoder(model_dir: Path, device: str | None = None) -> Encoder:
+    """The HeartCodec encoder of a model directory."""
+    from shared.codec.encoder import load_encoder as load
+
+    return load(model_dir, device=device)
+
+
+def _codec_aborted_type() -> type[BaseException]:
+    from shared.codec.decoder import DecodeAborted
+
+    return DecodeAborted
+
+
+@dataclass
+class Song:
+    tokens: np.ndarray  # [8, T] int32
+    audio: np.ndarray  # [2, T * 3840] float32, 48 kHz
+    finish_reason: str
+    seed: int
+
+
+def check_tokens(tokens: np.ndarray, field: str) -> np.ndarray:
+    """Tokens as the codec takes them ([8, T>=1] ints in the codec range) or a named error."""
+    if tokens.ndim != 2 or tokens.shape[0] != NUM_CODEBOOKS or tokens.shape[1] < 1:
+        raise PipelineInputError(field, f"tokens must have shape [8, T>=1], got {list(tokens.shape)}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise PipelineInputError(field, f"tokens must be integers, got {tokens.dtype}")
+    if tokens.min() < 0 or tokens.max() >= CODEC_CODES:
+        raise PipelineInputError(field, f"token ids must be in [0, {CODEC_CODES})")
+    return tokens.astype(np.int32)
+
+
+def decode_tokens(
+    codec: Codec,
+    tokens: np.ndarray,
+    *,
+    seed: int,
+    steps: int | None,
+    lock: threading.Lock,
+    on_fraction: Callable[[float], None],
+    should_abort: AbortCheck,
+) -> np.ndarray:
+    """Tokens → [2, T*3840] float32 audio; one decode per codec at a time (`lock`).
+
+    Waiting for the lock still honours the abort check, so a cancelled job never decodes.
+    """
+    while not lock.acquire(timeout=0.05):
+        if should_abort():
+            raise PipelineAborted
+    try:
+        options: dict[str, Any] = {} if steps is None else {"steps": steps}
+        audio = codec.detokenize(
+            tokens, seed=seed, on_progress=on_fraction, should_abort=should_abort, **options
+        )
+    except _codec_aborted_type() as error:
+        raise PipelineAborted from error
+    finally:
+        lock.release()
+    audio = np.asarray(audio.detach().cpu() if hasattr(audio, "detach") else audio, np.float32)
+    expected = (2, tokens.shape[1] * SAMPLES_PER_FRAME)
+    if audio.shape != expected:
+        raise RuntimeError(f"codec returned audio of shape {list(audio.shape)}, not {expected}")
+    return audio
+
+
+def generate_song(
+    engine: GenerationEngine,
+    codec: Codec,
+    codec_lock: threading.Lock,
+    request: GenerationRequest,
+    progress: Progress,
+    should_abort: AbortCheck,
+) -> Song:
+    """Tags + lyrics → tokens (batched engine) → audio (codec), with progress and abort.
+
+    Raises RequestError (from the engine) for requests the model cannot take.
+    """
+    total = request.frames
+    progress("generating", 0.0, 0, total)
+
+    def on_frames(done: int, requested: int) -> None:
+        progress("generating", GENERATE_SHARE * done / requested, done, requested)
+
+    handle = engine.submit(request, on_progress=on_frames, should_abort=should_abort)
+    result = handle.result()
+    if result.finish_reason == "aborted":
+        raise PipelineAborted
+    frames = result.tokens.shape[1]
+    if frames == 0:
+        raise RuntimeError("the model ended the song before its first frame (audio EOS)")
+    progress("decoding", GENERATE_SHARE, frames, frames)
+
+    def on_fraction(fraction: float) -> None:
+        progress("decoding", GENERATE_SHARE + (1 - GENERATE_SHARE) * fraction, frames, frames)
+
+    audio = decode_tokens(
+        codec,
+        result.tokens,
+        seed=request.seed,
+        steps=None,
+        lock=codec_lock,
+        on_fraction=on_fraction,
+        should_abort=should_abort,
+    )
+    return Song(result.tokens, audio, result.finish_reason, request.seed)
+
+
+def encode_audio(encoder: Encoder, audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """[channels, samples] audio → [8, T] int32 tokens."""
+    tokens = encoder.tokenize(audio, sample_rate)
+    tokens = np.asarray(tokens.cpu() if hasattr(tokens, "cpu") else tokens)
+    return check_tokens(tokens, "audio")
+
+
+def audio_bytes(audio: np.ndarray, fmt: str) -> bytes:
+    """[channels, samples] float audio at 48 kHz → an encoded file (flac, wav or mp3)."""
+    if fmt not in AUDIO_FORMATS:
+        raise PipelineInputError("format", f"must be one of {sorted(AUDIO_FORMATS)}, got {fmt!r}")
+    buffer = io.BytesIO()
+    subtype = "PCM_16" if fmt in ("flac", "wav") else None
+    soundfile.write(
+        buffer, np.clip(audio.T, -1.0, 1.0), SAMPLE_RATE, format=AUDIO_FORMATS[fmt], subtype=subtype
+    )
+    return buffer.getvalue()
+
+
+def tokens_bytes(tokens: np.ndarray) -> bytes:
+    """[8, T] tokens → .npy bytes (int32)."""
+    buffer = io.BytesIO()
+    np.save(buffer, tokens.astype(np.int32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def read_tokens(data: bytes, field: str) -> np.ndarray:
+    """.npy bytes → checked [8, T] int32 tokens, or a PipelineInputError naming `field`."""
+    try:
+        tokens = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise PipelineInputError(field, f"not a .npy array: {error}") from error
+    return check_tokens(tokens, field)

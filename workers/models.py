@@ -1,0 +1,106 @@
+"""The models of one worker process, loaded once and shared by all its task threads.
+
+A GPU-queue worker holds one GenerationEngine (its frame loop in a background thread, so
+concurrent generate jobs batch together) and one codec decoder; a CPU-queue worker holds the
+codec encoder. Each is loaded on first use, or up front by `preload` at worker start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+from shared.config import Settings
+from shared.generation.engine import GenerationEngine
+from shared.models.heartmula import heartmula_folder
+from shared.models.tiny import NOISE_WARNING, write_tiny_models
+from shared.pipelines import Codec, Encoder, load_codec, load_encoder
+
+log = logging.getLogger(__name__)
+
+TINY_MODELS_DIR = "tiny-models"
+_COMPLETE = ".complete"
+
+
+def ensure_model_dir(settings: Settings) -> Path:
+    """HEARTCLUSTER_MODEL_DIR, or tiny models written once under the data dir (noise!)."""
+    if settings.model_dir is not None:
+        path = Path(settings.model_dir)
+        if not path.is_dir():
+            raise FileNotFoundError(f"HEARTCLUSTER_MODEL_DIR={path} is not a directory")
+        return path
+    path = Path(settings.data_dir).resolve() / TINY_MODELS_DIR
+    log.warning("HEARTCLUSTER_MODEL_DIR is unset: using tiny models in %s; %s", path, NOISE_WARNING)
+    if (path / _COMPLETE).is_file():
+        return path
+    # Several workers may start at once: build aside, then move into place atomically.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=path.parent))
+    try:
+        write_tiny_models(staging)
+        (staging / _COMPLETE).write_text(NOISE_WARNING + "\n")
+        os.rename(staging, path)
+    except OSError:
+        if not (path / _COMPLETE).is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+class WorkerModels:
+    """Lazily loaded, thread-safe singletons of the models this process serves."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.model_dir = ensure_model_dir(settings)
+        folder = heartmula_folder(self.model_dir, settings.model_version)
+        self.model_version = folder.name.removeprefix("HeartMuLa-oss-")
+        self.tiny = settings.model_dir is None
+        self.codec_lock = threading.Lock()  # one codec decode at a time per process
+        self._load_lock = threading.Lock()
+        self._engine: GenerationEngine | None = None
+        self._codec: Codec | None = None
+        self._encoder: Encoder | None = None
+
+    def engine(self) -> GenerationEngine:
+        with self._load_lock:
+            if self._engine is None:
+                s = self.settings
+                log.info("loading HeartMuLa-oss-%s from %s", self.model_version, self.model_dir)
+                engine = GenerationEngine.from_model_dir(
+                    self.model_dir, self.model_version, s.device, s.dtype, s.engine_max_rows
+                )
+                engine.start()
+                self._engine = engine
+            return self._engine
+
+    def codec(self) -> Codec:
+        with self._load_lock:
+            if self._codec is None:
+                log.info("loading the HeartCodec decoder from %s", self.model_dir)
+                self._codec = load_codec(self.model_dir, self.settings.device)
+            return self._codec
+
+    def encoder(self) -> Encoder:
+        with self._load_lock:
+            if self._encoder is None:
+                log.info("loading the HeartCodec encoder from %s", self.model_dir)
+                self._encoder = load_encoder(self.model_dir, self.settings.device)
+            return self._encoder
+
+    def preload(self, queues: set[str]) -> None:
+        """Load what the consumed queues need, so the first job does not pay for it."""
+        if "gpu" in queues:
+            self.engine()
+            self.codec()
+        if "cpu" in queues:
+            self.encoder()
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.stop()
