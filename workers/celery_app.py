@@ -1,0 +1,72 @@
+"""The workers' Celery app: `python -m celery -A workers.celery_app worker -Q gpu --pool threads`.
+
+One process serves one or more queues with a thread pool: every task thread of a GPU worker
+submits to the same GenerationEngine, so concurrent generate jobs share one batch. Models are
+loaded once, at worker start (`worker_init`), for the queues the worker consumes. The prefork
+pool is refused: forked children cannot share one engine (nor CUDA).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import redis
+from celery import signals
+
+from shared.config import Settings
+from shared.jobs import JobStore
+from shared.queueing import TASK_NAME, make_celery
+from shared.storage import store_from_settings
+from workers.models import WorkerModels
+from workers.runner import JobRunner
+
+log = logging.getLogger(__name__)
+
+settings = Settings.from_env()
+app = make_celery(settings)
+
+_runner: JobRunner | None = None
+_runner_lock = threading.Lock()
+
+
+def runner() -> JobRunner:
+    """This process's JobRunner (built once; models load on first use if not preloaded)."""
+    global _runner
+    with _runner_lock:
+        if _runner is None:
+            client = redis.Redis.from_url(settings.redis_url)
+            _runner = JobRunner(
+                settings,
+                JobStore(client),
+                store_from_settings(settings),
+                WorkerModels(settings),
+                uploads=UploadStore(client),
+            )
+        return _runner
+
+
+@signals.worker_init.connect
+def _load_models(sender: Any, **_: Any) -> None:
+    pool = getattr(sender.pool_cls, "__module__", str(sender.pool_cls))
+    if "prefork" in pool:
+        raise RuntimeError(
+            "heartcluster workers share one model per process: start them with "
+            "`--pool threads` (or `--pool solo`), e.g. `heartcluster worker gpu`"
+        )
+    queues = set(sender.app.amqp.queues.consume_from or sender.app.amqp.queues)
+    log.info("loading models for queues %s", sorted(queues))
+    runner().models.preload(queues)
+
+
+@signals.worker_shutdown.connect
+def _stop_engine(**_: Any) -> None:
+    if _runner is not None:
+        _runner.models.close()
+
+
+@app.task(name=TASK_NAME)
+def run_job(job_id: str) -> None:
+    """Run one job by id (the gateway enqueues by this task's name, never importing it)."""
+    runner().run(job_id)
