@@ -16,7 +16,7 @@ import redis
 from celery import signals
 
 from shared.config import Settings
-from shared.jobs import JobStore
+from shared.jobs import JobStore, UploadStore
 from shared.queueing import TASK_NAME, make_celery
 from shared.storage import store_from_settings
 from workers.models import WorkerModels
@@ -42,7 +42,7 @@ def runner() -> JobRunner:
                 JobStore(client),
                 store_from_settings(settings),
                 WorkerModels(settings),
-                uploads=UploadStore(client),
+                UploadStore(client),
             )
         return _runner
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from shared.config import Settings
 from shared.generation.engine import GenerationRequest, RequestError
-from shared.jobs import Job, JobStore
+from shared.jobs import Job, JobStore, Upload, UploadStore
 from shared.pipelines import (
     AUDIO_CONTENT_TYPES,
     SAMPLE_RATE,
@@ -39,7 +39,6 @@ from workers.progress import ProgressReporter
 
 log = logging.getLogger(__name__)
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 METADATA = "metadata.json"
 TOKENS = "tokens.npy"
 # Progress share of the pipeline; uploading takes the rest.
@@ -66,7 +65,7 @@ class JobRunner:
         jobs: JobStore,
         objects: ObjectStore,
         models: WorkerModels,
-        uploads: object | None = None,
+        uploads: UploadStore,
     ) -> None:
         self.settings = settings
         self.jobs = jobs
@@ -87,7 +86,7 @@ class JobRunner:
         if job is None:
             log.warning("job %s: no record; message dropped", job_id)
             return
-        if job.state in TERMINAL:
+        if job.terminal:
             log.info("job %s is already %s; not running it", job_id, job.state)
             return
         if job.attempts >= self.settings.max_attempts:
@@ -261,14 +260,14 @@ class JobRunner:
                 )
             data = self.objects.get_bytes(artifact_key(job.tenant, source.id, TOKENS))
             return read_tokens(data, "source_job_id")
-        upload = self._upload(job, params.tokens_upload_id, "tokens_upload_id")
+        upload = self._upload(job, params.tokens_upload_id, "tokens_upload_id", "tokens")
         return read_tokens(self.objects.get_bytes(upload.key), "tokens_upload_id")
 
     def _encode(
         self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]
     ) -> Output:
         params = EncodeParams.model_validate(job.params)
-        upload = self._upload(job, params.upload_id, "upload_id")
+        upload = self._upload(job, params.upload_id, "upload_id", "audio")
         progress.update("encoding", 0.0)
         audio, sample_rate = read_upload_audio(self.objects.get_bytes(upload.key))
         if should_abort():
@@ -283,10 +282,12 @@ class JobRunner:
             },
         )
 
-    def _upload(self, job: Job, upload_id: str | None, field: str):
+    def _upload(self, job: Job, upload_id: str | None, field: str, kind: str) -> Upload:
         upload = None if upload_id is None else self.uploads.get_for_tenant(job.tenant, upload_id)
         if upload is None:
             raise PipelineInputError(field, f"no upload {upload_id} for this tenant")
+        if upload.kind != kind:
+            raise PipelineInputError(field, f"upload {upload_id} holds {upload.kind}, not {kind}")
         return upload
 
 
