@@ -33,7 +33,7 @@ from shared.pipelines import (
     tokens_bytes,
 )
 from shared.schemas import DecodeParams, EncodeParams, GenerateParams
-from shared.storage import ObjectStore, artifact_key
+from shared.storage import ObjectStore, artifact_key, job_prefix
 from workers.models import WorkerModels
 from workers.progress import ProgressReporter
 
@@ -170,7 +170,7 @@ class JobRunner:
 
     def _delete_artifacts(self, job: Job) -> None:
         try:
-            self.objects.delete_prefix(artifact_key(job.tenant, job.id, ""))
+            self.objects.delete_prefix(job_prefix(job.tenant, job.id))
         except Exception:  # noqa: BLE001 (cleanup must not hide the job's real outcome)
             log.exception("job %s: deleting partial artifacts failed", job.id)
 
