@@ -69,6 +69,16 @@ def worker_command(
     ]
 
 
+def worker_env(kind: str, base: Mapping[str, str]) -> dict[str, str]:
+    """A worker's environment: SIGTERM means soft shutdown (unfinished jobs are re-queued at
+    once instead of after the visibility timeout); the CPU queue always runs on the CPU."""
+    env = child_env(base)
+    env["REMAP_SIGTERM"] = "SIGQUIT"
+    if kind == "cpu":
+        env["HEARTCLUSTER_DEVICE"] = "cpu"
+    return env
+
+
 def default_concurrency(kind: str, engine_max_rows: int) -> int:
     """GPU: as many jobs as the engine batch holds with guidance (two rows each)."""
     return max(1, engine_max_rows // 2) if kind == "gpu" else 1
@@ -180,10 +190,9 @@ def stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float = 
             process.wait()
 
 
-def child_env(overrides: Mapping[str, str]) -> dict[str, str]:
-    """This process's environment plus HEARTCLUSTER_* overrides, and this checkout on the path."""
-    env = dict(os.environ)
-    env.update(overrides)
+def child_env(base: Mapping[str, str]) -> dict[str, str]:
+    """An environment with this checkout on the Python path, so children import this code."""
+    env = dict(base)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env

@@ -27,9 +27,10 @@ from api.launcher import (
     start_redis,
     stop_processes,
     worker_command,
+    worker_env,
 )
 from shared.config import PREFIX, Settings
-from shared.queueing import make_celery
+from shared.queueing import consumed_queues, make_celery
 
 LOCAL_TENANT = "local"
 KEY_FILE = "api-key"
@@ -94,12 +95,12 @@ class LocalCluster:
             self.api_key = local_api_key(settings, self.data_dir / KEY_FILE)
             if settings.model_dir is None:
                 self.log(TINY_BANNER)
-            env = child_env({**self.env, **overrides})
-            rows = settings.engine_max_rows
-            self._spawn("gpu-worker", worker_command("gpu", self.data_dir, default_concurrency("gpu", rows)), env)
-            cpu_env = {**env, f"{PREFIX}DEVICE": "cpu"}
-            self._spawn("cpu-worker", worker_command("cpu", self.data_dir, 1), cpu_env)
-            self._spawn("gateway", gateway_command(self.host, self.port), env)
+            env = {**self.env, **overrides}
+            for kind in QUEUES:
+                concurrency = default_concurrency(kind, settings.engine_max_rows)
+                command = worker_command(kind, self.data_dir, concurrency)
+                self._spawn(f"{kind}-worker", command, worker_env(kind, env))
+            self._spawn("gateway", gateway_command(self.host, self.port), child_env(env))
             self._wait_ready(settings, time.monotonic() + timeout_s)
         except BaseException:
             self.stop()
@@ -120,9 +121,8 @@ class LocalCluster:
                 except requests.RequestException:
                     pass
             if waiting:
-                replies = celery.control.inspect(timeout=0.5).active_queues() or {}
-                consumed = {q["name"] for queues in replies.values() for q in queues}
-                waiting -= consumed
+                consumed = consumed_queues(celery, timeout_s=0.5)
+                waiting = {q for q in waiting if not consumed[q]}
             if gateway_up and not waiting:
                 return
             time.sleep(0.2)
@@ -144,8 +144,8 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Gateway first, then workers (warm shutdown: running jobs go back to the queue)."""
-        order = [self._children.pop(n) for n in ("gateway", "gpu-worker", "cpu-worker") if n in self._children]
-        stop_processes(order)
+        names = [n for n in ("gateway", "gpu-worker", "cpu-worker") if n in self._children]
+        stop_processes([self._children.pop(n) for n in names])
         if self._redis is not None:
             stop_processes([self._redis])
             self._redis = None
