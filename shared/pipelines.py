@@ -1,8 +1,7 @@
 """Job pipelines over the models: generate (tokens → audio), decode and encode.
 
 Plain functions over arrays with a progress callback and an abort check; they know nothing of
-Celery, Redis or the object store, so workers and one-shot runs share them. Codec calls go
-through `load_codec` / `load_encoder` here and nowhere else.
+Celery, Redis or the object store, so workers and one-shot runs share them.
 """
 
 from __future__ import annotations
@@ -15,18 +14,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import soundfile
 
+from shared.codec.decoder import DecodeAborted, HeartCodecDecoder
 from shared.generation.engine import GenerationEngine, GenerationRequest
 from shared.models.heartmula import CODEC_CODES
 
-SAMPLE_RATE = 48_000
 SAMPLES_PER_FRAME = 3840  # 80 ms at 48 kHz
 NUM_CODEBOOKS = 8
 # Share of a generate job's progress spent generating tokens; decoding takes the rest.
 GENERATE_SHARE = 0.8
+DECODE_STEPS = 10  # the reference's flow-matching steps for generated songs
 
-AUDIO_FORMATS = {"flac": "FLAC", "wav": "WAV", "mp3": "MP3"}
 AUDIO_CONTENT_TYPES = {"flac": "audio/flac", "wav": "audio/wav", "mp3": "audio/mpeg"}
 
 
@@ -56,40 +54,15 @@ class Progress(Protocol):
 AbortCheck = Callable[[], bool]
 
 
-class Codec(Protocol):
-    def detokenize(
-        self,
-        codes: np.ndarray,
-        *,
-        steps: int = ...,
-        seed: int = ...,
-        on_progress: Callable[[float], None] | None = ...,
-        should_abort: Callable[[], bool] | None = ...,
-    ) -> Any: ...
-
-
 class Encoder(Protocol):
     def tokenize(self, audio: np.ndarray, sample_rate: int) -> Any: ...
 
 
-def load_codec(model_dir: Path, device: str | None = None) -> Codec:
-    """The HeartCodec decoder of a model directory (it picks its own dtype: fp32)."""
-    from shared.codec.decoder import load_codec as load
-
-    return load(model_dir, device=device)
-
-
 def load_encoder(model_dir: Path, device: str | None = None) -> Encoder:
-    """The HeartCodec encoder of a model directory."""
+    """The HeartCodec encoder of a model directory (the one place that calls its loader)."""
     from shared.codec.encoder import load_encoder as load
 
     return load(model_dir, device=device)
-
-
-def _codec_aborted_type() -> type[BaseException]:
-    from shared.codec.decoder import DecodeAborted
-
-    return DecodeAborted
 
 
 @dataclass
@@ -103,7 +76,8 @@ class Song:
 def check_tokens(tokens: np.ndarray, field: str) -> np.ndarray:
     """Tokens as the codec takes them ([8, T>=1] ints in the codec range) or a named error."""
     if tokens.ndim != 2 or tokens.shape[0] != NUM_CODEBOOKS or tokens.shape[1] < 1:
-        raise PipelineInputError(field, f"tokens must have shape [8, T>=1], got {list(tokens.shape)}")
+        shape = list(tokens.shape)
+        raise PipelineInputError(field, f"tokens must have shape [8, T>=1], got {shape}")
     if not np.issubdtype(tokens.dtype, np.integer):
         raise PipelineInputError(field, f"tokens must be integers, got {tokens.dtype}")
     if tokens.min() < 0 or tokens.max() >= CODEC_CODES:
@@ -112,11 +86,11 @@ def check_tokens(tokens: np.ndarray, field: str) -> np.ndarray:
 
 
 def decode_tokens(
-    codec: Codec,
+    codec: HeartCodecDecoder,
     tokens: np.ndarray,
     *,
     seed: int,
-    steps: int | None,
+    steps: int,
     lock: threading.Lock,
     on_fraction: Callable[[float], None],
     should_abort: AbortCheck,
@@ -129,15 +103,13 @@ def decode_tokens(
         if should_abort():
             raise PipelineAborted
     try:
-        options: dict[str, Any] = {} if steps is None else {"steps": steps}
         audio = codec.detokenize(
-            tokens, seed=seed, on_progress=on_fraction, should_abort=should_abort, **options
-        )
-    except _codec_aborted_type() as error:
+            tokens, steps=steps, seed=seed, on_progress=on_fraction, should_abort=should_abort
+        ).numpy()
+    except DecodeAborted as error:
         raise PipelineAborted from error
     finally:
         lock.release()
-    audio = np.asarray(audio.detach().cpu() if hasattr(audio, "detach") else audio, np.float32)
     expected = (2, tokens.shape[1] * SAMPLES_PER_FRAME)
     if audio.shape != expected:
         raise RuntimeError(f"codec returned audio of shape {list(audio.shape)}, not {expected}")
@@ -146,7 +118,7 @@ def decode_tokens(
 
 def generate_song(
     engine: GenerationEngine,
-    codec: Codec,
+    codec: HeartCodecDecoder,
     codec_lock: threading.Lock,
     request: GenerationRequest,
     progress: Progress,
@@ -178,7 +150,7 @@ def generate_song(
         codec,
         result.tokens,
         seed=request.seed,
-        steps=None,
+        steps=DECODE_STEPS,
         lock=codec_lock,
         on_fraction=on_fraction,
         should_abort=should_abort,
@@ -186,23 +158,11 @@ def generate_song(
     return Song(result.tokens, audio, result.finish_reason, request.seed)
 
 
-def encode_audio(encoder: Encoder, audio: np.ndarray, sample_rate: int) -> np.ndarray:
+def tokenize_audio(encoder: Encoder, audio: np.ndarray, sample_rate: int) -> np.ndarray:
     """[channels, samples] audio → [8, T] int32 tokens."""
     tokens = encoder.tokenize(audio, sample_rate)
     tokens = np.asarray(tokens.cpu() if hasattr(tokens, "cpu") else tokens)
     return check_tokens(tokens, "audio")
-
-
-def audio_bytes(audio: np.ndarray, fmt: str) -> bytes:
-    """[channels, samples] float audio at 48 kHz → an encoded file (flac, wav or mp3)."""
-    if fmt not in AUDIO_FORMATS:
-        raise PipelineInputError("format", f"must be one of {sorted(AUDIO_FORMATS)}, got {fmt!r}")
-    buffer = io.BytesIO()
-    subtype = "PCM_16" if fmt in ("flac", "wav") else None
-    soundfile.write(
-        buffer, np.clip(audio.T, -1.0, 1.0), SAMPLE_RATE, format=AUDIO_FORMATS[fmt], subtype=subtype
-    )
-    return buffer.getvalue()
 
 
 def tokens_bytes(tokens: np.ndarray) -> bytes:

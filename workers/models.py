@@ -14,11 +14,12 @@ import tempfile
 import threading
 from pathlib import Path
 
+from shared.codec.decoder import HeartCodecDecoder, load_codec
 from shared.config import Settings
 from shared.generation.engine import GenerationEngine
 from shared.models.heartmula import heartmula_folder
 from shared.models.tiny import NOISE_WARNING, write_tiny_models
-from shared.pipelines import Codec, Encoder, load_codec, load_encoder
+from shared.pipelines import Encoder, load_encoder
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class WorkerModels:
         self.codec_lock = threading.Lock()  # one codec decode at a time per process
         self._load_lock = threading.Lock()
         self._engine: GenerationEngine | None = None
-        self._codec: Codec | None = None
+        self._codec: HeartCodecDecoder | None = None
         self._encoder: Encoder | None = None
 
     def engine(self) -> GenerationEngine:
@@ -79,7 +80,7 @@ class WorkerModels:
                 self._engine = engine
             return self._engine
 
-    def codec(self) -> Codec:
+    def codec(self) -> HeartCodecDecoder:
         with self._load_lock:
             if self._codec is None:
                 log.info("loading the HeartCodec decoder from %s", self.model_dir)

@@ -17,19 +17,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shared.audio import SAMPLE_RATE, AudioError, encode_audio, read_audio
 from shared.config import Settings
 from shared.generation.engine import GenerationRequest, RequestError
 from shared.jobs import Job, JobStore, Upload, UploadStore
 from shared.pipelines import (
     AUDIO_CONTENT_TYPES,
-    SAMPLE_RATE,
     PipelineAborted,
     PipelineInputError,
-    audio_bytes,
     decode_tokens,
-    encode_audio,
     generate_song,
     read_tokens,
+    tokenize_audio,
     tokens_bytes,
 )
 from shared.schemas import DecodeParams, EncodeParams, GenerateParams
@@ -72,6 +71,7 @@ class JobRunner:
         self.objects = objects
         self.models = models
         self.uploads = uploads
+        self._context = {"settings": settings}  # the limits params are validated against
         self._pipelines: dict[str, Callable[[Job, ProgressReporter, Callable[[], bool]], Output]]
         self._pipelines = {
             "generate": self._generate,
@@ -143,7 +143,7 @@ class JobRunner:
             else:
                 self._delete_artifacts(job)
                 self.jobs.mark_cancelled(job.id)
-        except (RequestError, PipelineInputError) as error:
+        except (RequestError, PipelineInputError, AudioError) as error:
             self._end_failed(job, "invalid_params", str(error))
         except Exception as error:  # noqa: BLE001 (any failure ends the job with its reason)
             log.exception("job %s failed", job.id)
@@ -165,7 +165,9 @@ class JobRunner:
             **output.metadata,
         }
         payload = json.dumps(metadata, indent=2, sort_keys=True).encode()
-        self.objects.put_bytes(artifact_key(job.tenant, job.id, METADATA), payload, "application/json")
+        self.objects.put_bytes(
+            artifact_key(job.tenant, job.id, METADATA), payload, "application/json"
+        )
         return [*output.files, METADATA]
 
     def _delete_artifacts(self, job: Job) -> None:
@@ -179,7 +181,7 @@ class JobRunner:
     def _generate(
         self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]
     ) -> Output:
-        params = GenerateParams.model_validate(job.params)
+        params = GenerateParams.model_validate(job.params, context=self._context)
         seed = job_seed(job, params.seed)
         request = GenerationRequest(
             tags=params.tags,
@@ -206,7 +208,10 @@ class JobRunner:
         return Output(
             files={
                 TOKENS: (tokens_bytes(song.tokens), "application/octet-stream"),
-                audio_name: (audio_bytes(song.audio, params.format), AUDIO_CONTENT_TYPES[params.format]),
+                audio_name: (
+                    encode_audio(song.audio, params.format),
+                    AUDIO_CONTENT_TYPES[params.format],
+                ),
             },
             metadata={
                 "params": {**params.model_dump(), "seed": seed},
@@ -221,7 +226,7 @@ class JobRunner:
     def _decode(
         self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]
     ) -> Output:
-        params = DecodeParams.model_validate(job.params)
+        params = DecodeParams.model_validate(job.params, context=self._context)
         tokens = self._decode_source(job, params)
         seed = job_seed(job, params.seed)
         progress.update("decoding", 0.0, 0, tokens.shape[1])
@@ -237,7 +242,7 @@ class JobRunner:
         return Output(
             files={
                 f"audio.{params.format}": (
-                    audio_bytes(audio, params.format),
+                    encode_audio(audio, params.format),
                     AUDIO_CONTENT_TYPES[params.format],
                 )
             },
@@ -266,13 +271,15 @@ class JobRunner:
     def _encode(
         self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]
     ) -> Output:
-        params = EncodeParams.model_validate(job.params)
+        params = EncodeParams.model_validate(job.params, context=self._context)
         upload = self._upload(job, params.upload_id, "upload_id", "audio")
         progress.update("encoding", 0.0)
-        audio, sample_rate = read_upload_audio(self.objects.get_bytes(upload.key))
+        audio, sample_rate = read_audio(
+            self.objects.get_bytes(upload.key), self.settings.max_upload_seconds, "upload_id"
+        )
         if should_abort():
             raise PipelineAborted
-        tokens = encode_audio(self.models.encoder(), audio, sample_rate)
+        tokens = tokenize_audio(self.models.encoder(), audio, sample_rate)
         return Output(
             files={TOKENS: (tokens_bytes(tokens), "application/octet-stream")},
             metadata={
@@ -289,13 +296,3 @@ class JobRunner:
         if upload.kind != kind:
             raise PipelineInputError(field, f"upload {upload_id} holds {upload.kind}, not {kind}")
         return upload
-
-
-def read_upload_audio(data: bytes) -> tuple[np.ndarray, int]:
-    """Uploaded audio bytes → ([channels, samples] float32, sample rate)."""
-    import io
-
-    import soundfile
-
-    audio, sample_rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    return audio.T, int(sample_rate)
