@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from api.cluster_cli import add_cluster_commands
+
 
 def _read_text_or_file(value: str) -> str:
     """CLI convenience: a local file's contents when the value names one, else the value."""
@@ -93,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: per device)")
     gen.add_argument("--out", required=True, help="tokens.npy to write")
     gen.set_defaults(handler=_cmd_generate)
+
+    add_cluster_commands(commands)
     return parser
 
 

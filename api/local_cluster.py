@@ -13,8 +13,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from contextlib import suppress
 from pathlib import Path
 
+import redis
 import requests
 
 from api.launcher import (
@@ -31,6 +33,7 @@ from api.launcher import (
 )
 from shared.config import PREFIX, Settings
 from shared.queueing import consumed_queues, make_celery
+from shared.tenants import TenantStore
 
 LOCAL_TENANT = "local"
 KEY_FILE = "api-key"
@@ -116,10 +119,8 @@ class LocalCluster:
         while time.monotonic() < deadline:
             self.check_alive()
             if not gateway_up:
-                try:
+                with suppress(requests.RequestException):
                     gateway_up = requests.get(f"{self.url}/healthz", timeout=1).ok
-                except requests.RequestException:
-                    pass
             if waiting:
                 consumed = consumed_queues(celery, timeout_s=0.5)
                 waiting = {q for q in waiting if not consumed[q]}
@@ -158,3 +159,17 @@ class LocalCluster:
                 time.sleep(1)
         except KeyboardInterrupt:
             print("stopping...", file=sys.stderr)
+
+
+def local_api_key(settings: Settings, path: Path) -> str:
+    """The local tenant's API key: the one saved in `path` while Redis still knows it, else a
+    new one (saved, owner-readable only)."""
+    tenants = TenantStore(redis.Redis.from_url(settings.redis_url))
+    if path.is_file():
+        key = path.read_text().strip()
+        if tenants.tenant_for_key(key) == LOCAL_TENANT:
+            return key
+    key = tenants.create_key(LOCAL_TENANT)
+    path.touch(mode=0o600)
+    path.write_text(key + "\n")
+    return key
