@@ -100,7 +100,10 @@ class WorkerModels:
             self.engine()
             self.codec()
         if "cpu" in queues:
-            self.encoder()
+            try:
+                self.encoder()
+            except Exception:  # noqa: BLE001 (the encoder is optional; encode jobs say why)
+                log.exception("the HeartCodec encoder did not load: encode jobs will fail")
 
     def close(self) -> None:
         if self._engine is not None:

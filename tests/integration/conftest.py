@@ -1,0 +1,211 @@
+"""A real cluster per object store, started once per session: gateway and Celery workers as
+subprocesses (the same commands `heartcluster up` runs), the session redis-server (one
+database per cluster) and moto's S3 server, tiny models written once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import redis
+import requests
+
+from api.launcher import (
+    child_env,
+    free_port,
+    gateway_command,
+    spawn,
+    stop_processes,
+    worker_command,
+    worker_env,
+)
+from shared.config import Settings
+from shared.jobs import TERMINAL_STATES
+from shared.queueing import consumed_queues, make_celery
+from shared.storage import ObjectStore, store_from_settings
+from shared.tenants import TenantStore
+
+TENANTS = ("alice", "bob")
+# Four engine rows: two guided jobs at once, so a third waits in the queue.
+ENGINE_ROWS = 4
+START_TIMEOUT_S = 120
+JOB_TIMEOUT_S = 120
+
+
+@dataclass
+class Cluster:
+    url: str
+    settings: Settings
+    redis: redis.Redis
+    store: ObjectStore
+    keys: dict[str, str]
+    gateway: subprocess.Popen[bytes]
+    log_dir: Path
+    sessions: dict[str, requests.Session] = field(default_factory=dict)
+
+    def http(self, tenant: str) -> requests.Session:
+        if tenant not in self.sessions:
+            session = requests.Session()
+            session.headers["Authorization"] = f"Bearer {self.keys[tenant]}"
+            self.sessions[tenant] = session
+        return self.sessions[tenant]
+
+    def submit(self, tenant: str, type: str, params: dict[str, Any], **extra: Any) -> dict:
+        reply = self.http(tenant).post(
+            f"{self.url}/v1/jobs", json={"type": type, "params": params, **extra}, timeout=10
+        )
+        assert reply.status_code in (200, 201, 202), reply.text
+        return reply.json()
+
+    def job(self, tenant: str, job_id: str) -> dict:
+        reply = self.http(tenant).get(f"{self.url}/v1/jobs/{job_id}", timeout=10)
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    def cancel(self, tenant: str, job_id: str) -> requests.Response:
+        return self.http(tenant).post(f"{self.url}/v1/jobs/{job_id}/cancel", timeout=10)
+
+    def wait(self, tenant: str, job_id: str, until=lambda job: job["state"] in TERMINAL_STATES):
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while time.monotonic() < deadline:
+            job = self.job(tenant, job_id)
+            if until(job):
+                return job
+            time.sleep(0.05)
+        raise AssertionError(f"job {job_id} did not get there in time: {job}; logs {self.log_dir}")
+
+    def events(self, tenant: str, job_id: str) -> Iterator[dict]:
+        """The job's Server-Sent Events as {"event", "job"} dicts, until the stream ends."""
+        with self.http(tenant).get(
+            f"{self.url}/v1/jobs/{job_id}/events", stream=True, timeout=JOB_TIMEOUT_S
+        ) as reply:
+            assert reply.status_code == 200, reply.text
+            assert reply.headers["Content-Type"].startswith("text/event-stream")
+            name = "message"
+            for line in reply.iter_lines(decode_unicode=True):
+                if line.startswith("event:"):
+                    name = line.removeprefix("event:").strip()
+                elif line.startswith("data:"):
+                    data = json.loads(line.removeprefix("data:").strip())
+                    yield data if "job" in data else {"event": name, "job": data}
+
+    def artifact(self, tenant: str, job_id: str, name: str) -> requests.Response:
+        """An artifact through the gateway, following a redirect to presigned S3 URLs."""
+        return self.http(tenant).get(
+            f"{self.url}/v1/jobs/{job_id}/artifacts/{name}", timeout=30, allow_redirects=True
+        )
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from shared.models.tiny import write_tiny_models
+
+    path = tmp_path_factory.mktemp("tiny-models")
+    write_tiny_models(path)
+    return path
+
+
+def _wait_up(cluster: Cluster, workers: dict[str, subprocess.Popen[bytes]]) -> None:
+    celery = make_celery(cluster.settings)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        for name, process in [("gateway", cluster.gateway), *workers.items()]:
+            if process.poll() is not None:
+                log = (cluster.log_dir / f"{name}.log").read_text()[-3000:]
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n{log}")
+        try:
+            gateway_up = requests.get(f"{cluster.url}/healthz", timeout=1).ok
+        except requests.RequestException:
+            gateway_up = False
+        consumed = consumed_queues(celery, timeout_s=0.5)
+        if gateway_up and all(consumed[kind] for kind in workers):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"cluster did not start in {START_TIMEOUT_S} s; logs in {cluster.log_dir}")
+
+
+def _start_cluster(
+    env_overrides: dict[str, str], worker_kinds: tuple[str, ...], root: Path
+) -> Iterator[Cluster]:
+    env = {**os.environ, **env_overrides}
+    settings = Settings.from_env(env)
+    client = redis.Redis.from_url(settings.redis_url)
+    client.flushdb()
+    tenants = TenantStore(client)
+    keys = {tenant: tenants.create_key(tenant) for tenant in TENANTS}
+    log_dir = root / "logs"
+    port = free_port()
+    workers = {
+        kind: spawn(
+            worker_command(kind, settings.data_dir, concurrency=ENGINE_ROWS // 2),
+            worker_env(kind, env),
+            log_dir / f"{kind}.log",
+        )
+        for kind in worker_kinds
+    }
+    gateway = spawn(gateway_command("127.0.0.1", port), child_env(env), log_dir / "gateway.log")
+    cluster = Cluster(
+        url=f"http://127.0.0.1:{port}",
+        settings=settings,
+        redis=client,
+        store=store_from_settings(settings),
+        keys=keys,
+        gateway=gateway,
+        log_dir=log_dir,
+    )
+    try:
+        _wait_up(cluster, workers)
+        yield cluster
+    finally:
+        stop_processes([gateway, *workers.values()])
+        client.close()
+
+
+def _base_env(redis_url: str, db: int, model_dir: Path, data_dir: Path) -> dict[str, str]:
+    return {
+        "HEARTCLUSTER_REDIS_URL": f"{redis_url.rsplit('/', 1)[0]}/{db}",
+        "HEARTCLUSTER_MODEL_DIR": str(model_dir),
+        "HEARTCLUSTER_DATA_DIR": str(data_dir),
+        "HEARTCLUSTER_DEVICE": "cpu",
+        "HEARTCLUSTER_ENGINE_MAX_ROWS": str(ENGINE_ROWS),
+    }
+
+
+@pytest.fixture(scope="session")
+def s3_cluster(
+    redis_url: str, s3_endpoint: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """Artifacts in S3 (moto); a GPU-queue worker (on the CPU here) and a CPU worker."""
+    root = tmp_path_factory.mktemp("s3-cluster")
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
+        Bucket="heartcluster-test"
+    )
+    env = _base_env(redis_url, 1, model_dir, root / "data")
+    env["HEARTCLUSTER_STORAGE_URL"] = "s3://heartcluster-test/artifacts"
+    env["HEARTCLUSTER_S3_ENDPOINT_URL"] = s3_endpoint
+    yield from _start_cluster(env, ("gpu", "cpu"), root)
+
+
+@pytest.fixture(scope="session")
+def local_cluster(
+    redis_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """Artifacts in a local directory; a GPU-queue worker only."""
+    root = tmp_path_factory.mktemp("local-cluster")
+    env = _base_env(redis_url, 2, model_dir, root / "data")
+    env["HEARTCLUSTER_STORAGE_URL"] = (root / "artifacts").as_uri()
+    yield from _start_cluster(env, ("gpu",), root)
+
+
+@pytest.fixture(params=["s3", "local"])
+def cluster(request: pytest.FixtureRequest) -> Cluster:
+    return request.getfixturevalue(f"{request.param}_cluster")
