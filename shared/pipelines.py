@@ -10,12 +10,12 @@ import io
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from shared.codec.decoder import DecodeAborted, HeartCodecDecoder
+from shared.codec.encoder import EncodingAborted, HeartCodecEncoder
 from shared.generation.engine import GenerationEngine, GenerationRequest
 from shared.models.heartmula import CODEC_CODES
 
@@ -52,17 +52,6 @@ class Progress(Protocol):
 
 
 AbortCheck = Callable[[], bool]
-
-
-class Encoder(Protocol):
-    def tokenize(self, audio: np.ndarray, sample_rate: int) -> Any: ...
-
-
-def load_encoder(model_dir: Path, device: str | None = None) -> Encoder:
-    """The HeartCodec encoder of a model directory (the one place that calls its loader)."""
-    from shared.codec.encoder import load_encoder as load
-
-    return load(model_dir, device=device)
 
 
 @dataclass
@@ -158,11 +147,24 @@ def generate_song(
     return Song(result.tokens, audio, result.finish_reason, request.seed)
 
 
-def tokenize_audio(encoder: Encoder, audio: np.ndarray, sample_rate: int) -> np.ndarray:
+def tokenize_audio(
+    encoder: HeartCodecEncoder,
+    audio: np.ndarray,
+    sample_rate: int,
+    on_fraction: Callable[[float], None],
+    should_abort: AbortCheck,
+) -> np.ndarray:
     """[channels, samples] audio → [8, T] int32 tokens."""
-    tokens = encoder.tokenize(audio, sample_rate)
-    tokens = np.asarray(tokens.cpu() if hasattr(tokens, "cpu") else tokens)
-    return check_tokens(tokens, "audio")
+    try:
+        tokens = encoder.tokenize(
+            audio,
+            sample_rate,
+            on_progress=lambda done, total: on_fraction(done / total),
+            should_abort=should_abort,
+        )
+    except EncodingAborted as error:
+        raise PipelineAborted from error
+    return check_tokens(tokens, "upload_id")
 
 
 def tokens_bytes(tokens: np.ndarray) -> bytes:

@@ -15,11 +15,11 @@ import threading
 from pathlib import Path
 
 from shared.codec.decoder import HeartCodecDecoder, load_codec
+from shared.codec.encoder import EncoderNotFoundError, HeartCodecEncoder, load_encoder
 from shared.config import Settings
 from shared.generation.engine import GenerationEngine
 from shared.models.heartmula import heartmula_folder
 from shared.models.tiny import NOISE_WARNING, write_tiny_models
-from shared.pipelines import Encoder, load_encoder
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class WorkerModels:
         self._load_lock = threading.Lock()
         self._engine: GenerationEngine | None = None
         self._codec: HeartCodecDecoder | None = None
-        self._encoder: Encoder | None = None
+        self._encoder: HeartCodecEncoder | None = None
 
     def engine(self) -> GenerationEngine:
         with self._load_lock:
@@ -87,11 +87,13 @@ class WorkerModels:
                 self._codec = load_codec(self.model_dir, self.settings.device)
             return self._codec
 
-    def encoder(self) -> Encoder:
+    def encoder(self) -> HeartCodecEncoder:
         with self._load_lock:
             if self._encoder is None:
                 log.info("loading the HeartCodec encoder from %s", self.model_dir)
-                self._encoder = load_encoder(self.model_dir, self.settings.device)
+                self._encoder = load_encoder(
+                    self.model_dir, self.settings.device, self.settings.dtype
+                )
             return self._encoder
 
     def preload(self, queues: set[str]) -> None:
@@ -102,8 +104,8 @@ class WorkerModels:
         if "cpu" in queues:
             try:
                 self.encoder()
-            except Exception:  # noqa: BLE001 (the encoder is optional; encode jobs say why)
-                log.exception("the HeartCodec encoder did not load: encode jobs will fail")
+            except EncoderNotFoundError as error:  # optional: encode jobs fail saying why
+                log.warning("%s; encode jobs will fail until it is there", error)
 
     def close(self) -> None:
         if self._engine is not None:

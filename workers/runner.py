@@ -277,9 +277,13 @@ class JobRunner:
         audio, sample_rate = read_audio(
             self.objects.get_bytes(upload.key), self.settings.max_upload_seconds, "upload_id"
         )
-        if should_abort():
-            raise PipelineAborted
-        tokens = tokenize_audio(self.models.encoder(), audio, sample_rate)
+        tokens = tokenize_audio(
+            self.models.encoder(),
+            audio,
+            sample_rate,
+            on_fraction=lambda f: progress.update("encoding", PIPELINE_SHARE * f),
+            should_abort=should_abort,
+        )
         return Output(
             files={TOKENS: (tokens_bytes(tokens), "application/octet-stream")},
             metadata={
