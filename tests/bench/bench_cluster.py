@@ -1,0 +1,225 @@
+"""Cluster benchmark on loopback: gateway submit throughput, queue-to-start latency, cancel latency.
+
+    .venv/bin/python tests/bench/bench_cluster.py [--submits 500] [--clients 8] [--latency-jobs 40]
+
+Starts its own redis-server (free port), writes tiny models, runs one GPU-queue worker (on the
+CPU without a GPU) and the gateway as subprocesses with the same commands `heartcluster up`
+uses. Not collected by pytest (no test_ prefix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import redis
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from api.launcher import (  # noqa: E402 (after the path set-up above)
+    child_env,
+    free_port,
+    gateway_command,
+    spawn,
+    stop_processes,
+    worker_command,
+    worker_env,
+)
+from shared.config import Settings  # noqa: E402
+from shared.queueing import consumed_queues, make_celery  # noqa: E402
+from shared.tenants import TenantStore  # noqa: E402
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+class Bench:
+    def __init__(self, root: Path, engine_rows: int) -> None:
+        self.root = root
+        self.redis_port = free_port()
+        self.redis_process = subprocess.Popen(
+            ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1"]
+            + ["--save", "", "--appendonly", "no", "--dir", str(root)],
+            stdout=subprocess.DEVNULL,
+        )
+        self.env = {
+            **os.environ,
+            "HEARTCLUSTER_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            "HEARTCLUSTER_DATA_DIR": str(root / "data"),
+            "HEARTCLUSTER_STORAGE_URL": (root / "artifacts").as_uri(),
+            "HEARTCLUSTER_ENGINE_MAX_ROWS": str(engine_rows),
+        }
+        self.settings = Settings.from_env(self.env)
+        self.redis = redis.Redis.from_url(self.settings.redis_url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.redis.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.key = TenantStore(self.redis).create_key("bench")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.http = requests.Session()
+        self.http.headers["Authorization"] = f"Bearer {self.key}"
+
+    def start_gateway(self) -> None:
+        command = gateway_command("127.0.0.1", self.port)
+        self.processes.append(spawn(command, child_env(self.env), self.root / "gateway.log"))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=1).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.1)
+        raise RuntimeError(f"gateway did not start; see {self.root / 'gateway.log'}")
+
+    def start_worker(self, concurrency: int) -> None:
+        command = worker_command("gpu", Path(self.env["HEARTCLUSTER_DATA_DIR"]), concurrency)
+        log = self.root / "gpu-worker.log"
+        self.processes.append(spawn(command, worker_env("gpu", self.env), log))
+        celery = make_celery(self.settings)
+        deadline = time.monotonic() + 300
+        while not consumed_queues(celery, 0.5)["gpu"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not start; see {log}")
+            time.sleep(0.2)
+
+    def submit(self, params: dict) -> dict:
+        reply = self.http.post(
+            f"{self.url}/v1/jobs", json={"type": "generate", "params": params}, timeout=30
+        )
+        reply.raise_for_status()
+        return reply.json()
+
+    def job(self, job_id: str) -> dict:
+        return self.http.get(f"{self.url}/v1/jobs/{job_id}", timeout=30).json()
+
+    def wait(self, job_id: str, until) -> dict:
+        while True:
+            job = self.job(job_id)
+            if until(job):
+                return job
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        stop_processes(self.processes)
+        stop_processes([self.redis_process])
+
+
+def bench_submit(bench: Bench, submits: int, clients: int) -> None:
+    """Submits with no worker consuming: the gateway's own cost (auth, validate, store, send)."""
+    params = {"tags": "piano", "duration_s": 1.0}
+    local = threading.local()
+
+    def one(_: int) -> float:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+            local.session.headers["Authorization"] = f"Bearer {bench.key}"
+        session = local.session
+        start = time.perf_counter()
+        reply = session.post(
+            f"{bench.url}/v1/jobs", json={"type": "generate", "params": params}, timeout=30
+        )
+        reply.raise_for_status()
+        return time.perf_counter() - start
+
+    for _ in range(20):  # warm-up
+        one(0)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        latencies = list(pool.map(one, range(submits)))
+    elapsed = time.perf_counter() - start
+    print(
+        f"submit throughput: {submits / elapsed:.0f} req/s ({submits} submits, {clients} "
+        f"clients); request latency p50 {percentile(latencies, 50) * 1000:.1f} ms, "
+        f"p99 {percentile(latencies, 99) * 1000:.1f} ms"
+    )
+
+
+def bench_queue_to_start(bench: Bench, jobs: int) -> None:
+    """One job at a time on an idle worker: started_at - created_at (both stamped by Redis
+    clients on this machine)."""
+    latencies = []
+    params = {"tags": "piano", "duration_s": 0.16, "cfg_scale": 1.0}
+    for _ in range(jobs):
+        job = bench.submit(params)
+        done = bench.wait(job["id"], lambda j: j["state"] in TERMINAL)
+        assert done["state"] == "succeeded", done
+        latencies.append(done["started_at"] - done["created_at"])
+    print(
+        f"queue-to-start latency (idle worker, {jobs} jobs): p50 "
+        f"{percentile(latencies, 50) * 1000:.1f} ms, p99 {percentile(latencies, 99) * 1000:.1f} ms"
+    )
+
+
+def bench_cancel(bench: Bench, runs: int) -> None:
+    """Cancel request sent → job record `cancelled` (the worker writes it after the engine
+    dropped the request's rows), on a job that is generating."""
+    latencies, frame_times = [], []
+    for _ in range(runs):
+        job = bench.submit({"tags": "rock", "duration_s": 300.0})
+        first = bench.wait(job["id"], lambda j: (j.get("frames_done") or 0) >= 5)
+        later = bench.wait(job["id"], lambda j, f=first: j["frames_done"] >= f["frames_done"] + 10)
+        frame_times.append(
+            (time.time() - first["started_at"]) / max(1, later["frames_done"])
+        )  # rough frame time incl. prefill
+        sent = time.time()
+        bench.http.post(f"{bench.url}/v1/jobs/{job['id']}/cancel", timeout=30).raise_for_status()
+        final = bench.wait(job["id"], lambda j: j["state"] in TERMINAL)
+        assert final["state"] == "cancelled", final
+        latencies.append(final["finished_at"] - sent)
+    print(
+        f"cancel latency (request → job cancelled, engine stopped; {runs} runs): p50 "
+        f"{percentile(latencies, 50) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms "
+        f"(one frame takes ~{statistics.median(frame_times) * 1000:.0f} ms here)"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--submits", type=int, default=500)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--latency-jobs", type=int, default=40)
+    parser.add_argument("--cancel-runs", type=int, default=10)
+    parser.add_argument("--engine-rows", type=int, default=4)
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="hc-bench-"))
+    bench = Bench(root, args.engine_rows)
+    try:
+        bench.start_gateway()
+        bench_submit(bench, args.submits, args.clients)
+        bench.redis.flushdb()  # drop the queued submits (and their broker messages)
+        bench.key = TenantStore(bench.redis).create_key("bench")
+        bench.http.headers["Authorization"] = f"Bearer {bench.key}"
+        bench.start_worker(concurrency=max(1, args.engine_rows // 2))
+        bench_queue_to_start(bench, args.latency_jobs)
+        bench_cancel(bench, args.cancel_runs)
+    finally:
+        bench.close()
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
