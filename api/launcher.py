@@ -1,7 +1,7 @@
 """Starting cluster processes on this machine: workers, a local redis-server, the gateway.
 
 Everything is started by module name in a subprocess (`python -m celery -A workers.celery_app`,
-`python -m flask --app api:create_app`), so the CLI never imports workers or torch.
+`python -m api`), so the CLI never imports workers or torch.
 """
 
 from __future__ import annotations
@@ -85,16 +85,8 @@ def default_concurrency(kind: str, engine_max_rows: int) -> int:
 
 
 def gateway_command(host: str, port: int) -> list[str]:
-    """Flask's threaded server (SSE needs a thread per stream); Docker uses gunicorn instead."""
-    return [sys.executable, "-m", "flask", "--app", "api:create_app", "run"] + [
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--with-threads",
-        "--no-reload",
-        "--no-debugger",
-    ]
+    """The gateway's threaded local server (`python -m api`); Docker uses gunicorn instead."""
+    return [sys.executable, "-m", "api", "--host", host, "--port", str(port)]
 
 
 def redis_answers(url: str, timeout_s: float = 1.0) -> bool:

@@ -26,6 +26,20 @@ class StorageError(RuntimeError):
     """The store cannot be reached or refused an operation; the message says which."""
 
 
+CONTENT_TYPES = {
+    ".flac": "audio/flac",
+    ".wav": "audio/wav",
+    ".mp3": "audio/mpeg",
+    ".json": "application/json",
+    ".npy": "application/octet-stream",
+}
+
+
+def content_type_for(name: str) -> str:
+    """The Content-Type to store and serve an artifact or upload with, by its extension."""
+    return CONTENT_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
+
+
 def artifact_key(tenant: str, job_id: str, name: str) -> str:
     return f"tenants/{tenant}/jobs/{job_id}/{name}"
 

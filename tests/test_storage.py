@@ -17,6 +17,7 @@ from shared.storage import (
     S3Store,
     StorageError,
     artifact_key,
+    content_type_for,
     job_prefix,
     store_from_settings,
     upload_key,
@@ -121,3 +122,10 @@ def test_store_from_settings(tmp_path: Path, s3_endpoint: str) -> None:
         )
     )
     assert isinstance(s3, S3Store) and (s3.bucket, s3.prefix) == ("bkt", "p")
+
+
+def test_content_types() -> None:
+    assert content_type_for("audio.FLAC") == "audio/flac"
+    assert content_type_for("audio.mp3") == "audio/mpeg"
+    assert content_type_for("metadata.json") == "application/json"
+    assert content_type_for("weird") == "application/octet-stream"
