@@ -38,6 +38,13 @@ def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _stop_undisturbed(cluster) -> None:
+    """Stop the cluster; a second Ctrl-C or SIGTERM must not leave children behind."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    cluster.stop()
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     from api.local_cluster import KEY_FILE, LocalCluster
 
@@ -52,7 +59,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"API key (tenant local):\n{cluster.api_key}", flush=True)
         cluster.serve_forever()
     finally:
-        cluster.stop()
+        _stop_undisturbed(cluster)
     return 0
 
 
@@ -64,15 +71,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     data_dir = Path(args.data_dir)
     params = {"tags": args.tags, "lyrics": args.lyrics, "duration_s": args.duration, "seed": 7}
-    with LocalCluster(data_dir, port=args.port or free_port()) as cluster:
+    cluster = LocalCluster(data_dir, port=args.port or free_port())
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        cluster.start()
         client = Client(cluster.url, cluster.api_key)
         job = client.submit("generate", params)
         print(f"job id: {job['id']}", flush=True)
         final = _watch(client, job["id"])
         if final["state"] != "succeeded":
-            print(f"job {final['state']}: {final.get('error')}", file=sys.stderr)
+            print(f"error: job {final['state']}: {final.get('error')}", file=sys.stderr)
             return 1
         path = _download(client, final, None, data_dir / "songs")
+    finally:
+        _stop_undisturbed(cluster)
     print(f"job id: {job['id']}")
     print(f"audio: {path.resolve()}")
     return 0

@@ -47,7 +47,7 @@ TINY_BANNER = (
 
 
 class LocalCluster:
-    """Start with `start()`, stop with `stop()` (or use it as a context manager)."""
+    """Start with `start()`, stop with `stop()`."""
 
     def __init__(
         self,
@@ -67,13 +67,6 @@ class LocalCluster:
         self.settings: Settings | None = None
         self._redis: subprocess.Popen[bytes] | None = None
         self._children: dict[str, subprocess.Popen[bytes]] = {}
-
-    def __enter__(self) -> LocalCluster:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     @property
     def log_dir(self) -> Path:
