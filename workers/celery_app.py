@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 settings = Settings.from_env()
 app = make_celery(settings)
+app.conf.worker_pool = "threads"  # the default here; `--pool prefork` is refused below
 
 _runner: JobRunner | None = None
 _runner_lock = threading.Lock()
@@ -51,7 +52,8 @@ def runner() -> JobRunner:
 def _load_models(sender: Any, **_: Any) -> None:
     pool = getattr(sender.pool_cls, "__module__", str(sender.pool_cls))
     if "prefork" in pool:
-        raise RuntimeError(
+        # SystemExit: Celery logs and swallows ordinary exceptions raised by signal handlers.
+        raise SystemExit(
             "heartcluster workers share one model per process: start them with "
             "`--pool threads` (or `--pool solo`), e.g. `heartcluster worker gpu`"
         )
