@@ -12,12 +12,16 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import requests
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_DATA_DIR = "heartcluster-data"
 AUDIO_NAMES = ("audio.flac", "audio.wav", "audio.mp3")
+TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 # ----- processes ------------------------------------------------------------------------------
@@ -127,13 +131,13 @@ def _progress_line(job: dict[str, Any]) -> str:
 def _watch(client, job_id: str) -> dict[str, Any]:
     """A progress bar on stderr from the job's event stream; returns the final job."""
     job = client.get(job_id)
-    if job["state"] not in ("succeeded", "failed", "cancelled"):
+    sys.stderr.write(_progress_line(job))
+    if job["state"] not in TERMINAL:
         for event in client.events(job_id):
             job = event["job"]
             sys.stderr.write(_progress_line(job))
             sys.stderr.flush()
-        job = client.get(job_id)
-    sys.stderr.write(_progress_line(job) + "\n")
+    sys.stderr.write("\n")
     return job
 
 
@@ -205,6 +209,26 @@ def _cmd_download(args: argparse.Namespace) -> int:
 # ----- parser ---------------------------------------------------------------------------------
 
 
+def _reporting_errors(handler: Callable[[argparse.Namespace], int]):
+    """Gateway errors and unreachable gateways as one clear line and exit status 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        from api.client import ApiError
+
+        try:
+            return handler(args)
+        except ApiError as error:
+            print(f"error: {error}", file=sys.stderr)
+        except requests.ConnectionError:
+            print(
+                f"error: no gateway answers at {args.url} (is `heartcluster up` running?)",
+                file=sys.stderr,
+            )
+        return 1
+
+    return run
+
+
 def _client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url", default=os.environ.get("HEARTCLUSTER_URL", DEFAULT_URL), help="gateway URL"
@@ -257,7 +281,7 @@ def add_cluster_commands(commands: argparse._SubParsersAction) -> None:
         parser.add_argument("--idempotency-key", help="retrying with it never makes two jobs")
         parser.add_argument("--watch", action="store_true", help="show progress until done")
         _client_options(parser)
-        parser.set_defaults(handler=_cmd_submit)
+        parser.set_defaults(handler=_reporting_errors(_cmd_submit))
 
     for name, handler, text in (
         ("status", _cmd_status, "show a job"),
@@ -268,7 +292,7 @@ def add_cluster_commands(commands: argparse._SubParsersAction) -> None:
         parser = commands.add_parser(name, help=text)
         parser.add_argument("job_id")
         _client_options(parser)
-        parser.set_defaults(handler=handler)
+        parser.set_defaults(handler=_reporting_errors(handler))
         if name == "download":
             parser.add_argument("--name", help="artifact name (tokens.npy, metadata.json, ...)")
             parser.add_argument("--out", default=".", help="file or directory (default: .)")
