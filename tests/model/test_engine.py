@@ -226,3 +226,11 @@ def test_history_prefill_equals_feeding_history_frames_one_by_one(engine: Genera
         out = model.backbone(x, pos, slice(1, 2), length + t + 1)
     one_by_one = model.codebook0_head(out[:, -1]).softmax(-1)
     torch.testing.assert_close(at_once, one_by_one, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_generates_valid_codes(tiny_model_dir: Path, dtype: str) -> None:
+    half = GenerationEngine.from_model_dir(tiny_model_dir, "tiny", "cpu", dtype, max_rows=2)
+    result = half.generate([BASE])[0]
+    assert half.model.dtype != torch.float32
+    assert result.tokens.shape == (8, 15) and result.tokens.max() < CODEC_CODES
