@@ -61,6 +61,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keys_create(args: argparse.Namespace) -> int:
+    import redis
+
+    from shared.config import Settings
+    from shared.tenants import TenantStore
+
+    try:
+        settings = Settings.from_env()
+        key = TenantStore(redis.Redis.from_url(settings.redis_url)).create_key(args.tenant)
+    except (ValueError, redis.RedisError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"API key for tenant {args.tenant!r} (shown once; keep it secret):")
+    print(key)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heartcluster", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: per device)")
     gen.add_argument("--out", required=True, help="tokens.npy to write")
     gen.set_defaults(handler=_cmd_generate)
+
+    keys = commands.add_parser("keys", help="API keys (stored hashed in Redis)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create_key = key_commands.add_parser(
+        "create", help="create a tenant's API key; prints it alone on the last line"
+    )
+    create_key.add_argument("--tenant", required=True, help="lowercase letters, digits, - and _")
+    create_key.set_defaults(handler=_cmd_keys_create)
     return parser
 
 

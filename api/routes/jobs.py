@@ -1,0 +1,227 @@
+"""/v1/jobs: submit, list, get, cancel, progress events (SSE) and artifact downloads."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, redirect, request, send_file, stream_with_context
+from flask.typing import ResponseReturnValue
+
+from api.app import services
+from api.auth import authenticate, current_tenant
+from api.errors import ApiError
+from shared.jobs import STATES, Job
+from shared.queueing import enqueue, revoke
+from shared.schemas import (
+    PARAMS_FOR_TYPE,
+    DecodeParams,
+    EncodeParams,
+    InvalidRequest,
+    job_out,
+    parse_submit,
+)
+from shared.storage import ObjectNotFound, artifact_key, content_type_for
+
+bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+bp.before_request(authenticate)
+
+MAX_PAGE = 200
+SSE_KEEPALIVE_S = 15.0
+
+
+def _job_or_404(job_id: str) -> Job:
+    job = services().jobs.get_for_tenant(current_tenant(), job_id)
+    if job is None:
+        raise ApiError(404, "not_found", f"no job {job_id}")
+    return job
+
+
+def _json_body() -> Any:
+    """The request's JSON (whatever its Content-Type claims); 400 when it does not parse."""
+    try:
+        return json.loads(request.get_data(cache=False) or b"null")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {error}") from None
+
+
+def _check_inputs(tenant: str, params: Any) -> str | None:
+    """Referenced jobs and uploads must be this tenant's and usable; returns the parent job."""
+    svc = services()
+    if isinstance(params, DecodeParams) and params.source_job_id is not None:
+        source = svc.jobs.get_for_tenant(tenant, params.source_job_id)
+        if source is None:
+            raise ApiError(422, "invalid_params", "no such job", "params.source_job_id")
+        if source.state != "succeeded" or "tokens.npy" not in source.artifacts:
+            raise ApiError(
+                422,
+                "invalid_params",
+                f"job {source.id} has no tokens.npy (state {source.state})",
+                "params.source_job_id",
+            )
+        return source.id
+    if isinstance(params, DecodeParams):
+        _upload_of_kind(tenant, params.tokens_upload_id, "tokens", "params.tokens_upload_id")
+    if isinstance(params, EncodeParams):
+        _upload_of_kind(tenant, params.upload_id, "audio", "params.upload_id")
+    return None
+
+
+def _upload_of_kind(tenant: str, upload_id: str | None, kind: str, field: str) -> None:
+    upload = services().uploads.get_for_tenant(tenant, upload_id or "")
+    if upload is None:
+        raise ApiError(422, "invalid_params", "no such upload", field)
+    if upload.kind != kind:
+        raise ApiError(
+            422, "invalid_params", f"upload {upload.id} is {upload.kind}, not {kind}", field
+        )
+
+
+@bp.post("")
+def submit() -> ResponseReturnValue:
+    """Validate, record (state queued) and enqueue a job; 202 with the job.
+
+    With an idempotency key (header `Idempotency-Key` or body `idempotency_key`) a repeated
+    submit answers 200 with the first job and enqueues nothing.
+    """
+    svc = services()
+    tenant = current_tenant()
+    try:
+        submission, params = parse_submit(_json_body(), svc.settings)
+    except InvalidRequest as error:
+        # a body that is not an object is malformed (400); a bad field is invalid (422)
+        if error.field is None:
+            api_error = ApiError(400, "bad_request", error.message)
+        else:
+            api_error = ApiError(422, "invalid_params", error.message, error.field)
+        api_error.extra["details"] = error.details
+        raise api_error from None
+    key = _idempotency_key(submission.idempotency_key)
+    parent = _check_inputs(tenant, params)
+    job = Job.new(tenant, submission.type, params.model_dump(), parent_job_id=parent)
+    if key is None:
+        svc.jobs.create(job)
+    else:
+        job, created = svc.jobs.create_idempotent(job, key)
+        if not created:
+            if (job.type, job.params) != (submission.type, params.model_dump()):
+                raise ApiError(
+                    409,
+                    "idempotency_conflict",
+                    f"idempotency key already used for job {job.id} with other parameters",
+                    "idempotency_key",
+                )
+            response = jsonify(job_out(job))
+            response.headers["Location"] = f"/v1/jobs/{job.id}"
+            response.headers["Idempotent-Replayed"] = "true"
+            return response
+    try:
+        enqueue(svc.celery, job)
+    except Exception as error:  # broker unreachable: the job must not sit queued forever
+        svc.jobs.fail(job.id, "enqueue_failed", f"could not queue the job: {error}")
+        raise ApiError(503, "unavailable", "the job queue is unreachable; try again") from error
+    response = jsonify(job_out(job))
+    response.status_code = 202
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return response
+
+
+def _idempotency_key(from_body: str | None) -> str | None:
+    header = request.headers.get("Idempotency-Key")
+    if header is not None and not 1 <= len(header.strip()) <= 200:
+        raise ApiError(422, "invalid_params", "must be 1 to 200 characters", "Idempotency-Key")
+    header = header.strip() if header is not None else None
+    if header and from_body and header != from_body:
+        raise ApiError(
+            422,
+            "invalid_params",
+            "the Idempotency-Key header and idempotency_key differ",
+            "idempotency_key",
+        )
+    return header or from_body
+
+
+@bp.get("")
+def list_jobs() -> ResponseReturnValue:
+    """The tenant's jobs, newest first; filters `state`, `type`; pages by `limit`, `cursor`."""
+    args = request.args
+    state, job_type = args.get("state"), args.get("type")
+    if state is not None and state not in STATES:
+        raise ApiError(422, "invalid_params", f"state must be one of {list(STATES)}", "state")
+    if job_type is not None and job_type not in PARAMS_FOR_TYPE:
+        raise ApiError(
+            422, "invalid_params", f"type must be one of {list(PARAMS_FOR_TYPE)}", "type"
+        )
+    try:
+        limit = int(args.get("limit", "50"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_PAGE:
+        raise ApiError(422, "invalid_params", f"limit must be 1 to {MAX_PAGE}", "limit")
+    try:
+        jobs, cursor = services().jobs.list(
+            current_tenant(), state=state, type=job_type, limit=limit, cursor=args.get("cursor")
+        )
+    except ValueError as error:
+        raise ApiError(422, "invalid_params", str(error), "cursor") from None
+    return jsonify({"jobs": [job_out(job) for job in jobs], "next_cursor": cursor})
+
+
+@bp.get("/<job_id>")
+def get_job(job_id: str) -> ResponseReturnValue:
+    return jsonify(job_out(_job_or_404(job_id)))
+
+
+@bp.post("/<job_id>/cancel")
+def cancel_job(job_id: str) -> ResponseReturnValue:
+    """Queued → cancelled at once (and its message revoked); running → its worker is told to
+    stop and the job ends `cancelled` shortly; finished jobs are returned unchanged."""
+    svc = services()
+    before = _job_or_404(job_id)
+    job = svc.jobs.cancel(job_id)
+    if before.state == "queued" and job.state == "cancelled":
+        revoke(svc.celery, job_id)
+    return jsonify(job_out(job))
+
+
+@bp.get("/<job_id>/events")
+def job_events(job_id: str) -> ResponseReturnValue:
+    """Server-Sent Events: `state` and `progress` events (data = {"event", "job"}), starting
+    with the current state and ending after a terminal one; comments keep idle streams open."""
+    _job_or_404(job_id)
+    events = services().jobs.events(job_id, idle_s=SSE_KEEPALIVE_S)
+
+    def stream() -> Iterator[str]:
+        for event in events:
+            if event is None:
+                yield ": keep-alive\n\n"
+                continue
+            payload = {"event": event["event"], "job": job_out(event["job"])}
+            yield f"event: {event['event']}\ndata: {json.dumps(payload)}\n\n"
+
+    return Response(
+        stream_with_context(stream()),
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@bp.get("/<job_id>/artifacts/<name>")
+def get_artifact(job_id: str, name: str) -> ResponseReturnValue:
+    """302 to a presigned URL (S3), or the bytes streamed (local store)."""
+    job = _job_or_404(job_id)
+    if name not in job.artifacts:
+        raise ApiError(404, "not_found", f"job {job_id} has no artifact {name!r}")
+    store = services().store
+    key = artifact_key(job.tenant, job.id, name)
+    url = store.presigned_url(key)
+    if url is not None:
+        return redirect(url, code=302)
+    try:
+        stream = store.open(key)
+    except ObjectNotFound:
+        raise ApiError(404, "not_found", f"artifact {name!r} is missing from the store") from None
+    return send_file(
+        stream, mimetype=content_type_for(name), as_attachment=True, download_name=name
+    )

@@ -1,0 +1,157 @@
+"""Cluster settings: every `HEARTCLUSTER_*` environment variable is read and validated here.
+
+Gateway, workers and the CLI all build one `Settings` at start-up, so a typo or a bad value
+stops the process at once with the variable named, instead of failing on the first job.
+No torch: the gateway imports this.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlparse
+
+PREFIX = "HEARTCLUSTER_"
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A `HEARTCLUSTER_*` variable is missing or invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    storage_url: str = ""  # empty: file://{data_dir}/artifacts (filled in by from_env)
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    model_dir: Path | None = None
+    model_version: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    engine_max_rows: int = 16
+    max_duration_s: float = 600.0
+    max_lyrics_chars: int = 6000
+    max_tags: int = 32
+    max_upload_bytes: int = 50 * 1024 * 1024
+    max_upload_seconds: float = 600.0
+    max_attempts: int = 3
+    job_time_limit_s: int = 3600
+    data_dir: Path = Path("heartcluster-data")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Settings from `HEARTCLUSTER_*` variables (default: os.environ); raises SettingsError."""
+        reader = _Reader(os.environ if env is None else env)
+        data_dir = Path(reader.get("DATA_DIR", str(cls.data_dir), str)).expanduser().resolve()
+        settings = cls(
+            redis_url=reader.get("REDIS_URL", cls.redis_url, _redis_url),
+            storage_url=reader.get("STORAGE_URL", (data_dir / "artifacts").as_uri(), _storage_url),
+            s3_endpoint_url=reader.get("S3_ENDPOINT_URL", None, _http_url),
+            s3_region=reader.get("S3_REGION", cls.s3_region, str),
+            model_dir=reader.get("MODEL_DIR", None, lambda v: Path(v).expanduser().resolve()),
+            model_version=reader.get("MODEL_VERSION", None, str),
+            device=reader.get("DEVICE", None, str),
+            dtype=reader.get("DTYPE", None, _dtype),
+            engine_max_rows=reader.get("ENGINE_MAX_ROWS", cls.engine_max_rows, _positive(int)),
+            max_duration_s=reader.get("MAX_DURATION_S", cls.max_duration_s, _positive(float)),
+            max_lyrics_chars=reader.get("MAX_LYRICS_CHARS", cls.max_lyrics_chars, _positive(int)),
+            max_tags=reader.get("MAX_TAGS", cls.max_tags, _positive(int)),
+            max_upload_bytes=reader.get("MAX_UPLOAD_BYTES", cls.max_upload_bytes, _positive(int)),
+            max_upload_seconds=reader.get(
+                "MAX_UPLOAD_SECONDS", cls.max_upload_seconds, _positive(float)
+            ),
+            max_attempts=reader.get("MAX_ATTEMPTS", cls.max_attempts, _positive(int)),
+            job_time_limit_s=reader.get("JOB_TIME_LIMIT_S", cls.job_time_limit_s, _positive(int)),
+            data_dir=data_dir,
+        )
+        if settings.s3_endpoint_url and settings.storage_scheme != "s3":
+            raise SettingsError(
+                f"{PREFIX}S3_ENDPOINT_URL is set but {PREFIX}STORAGE_URL is not an s3:// URL"
+            )
+        return settings
+
+    @property
+    def storage_scheme(self) -> str:
+        """`s3` or `file`."""
+        return urlparse(self.storage_url).scheme
+
+    @property
+    def s3_bucket(self) -> str:
+        return urlparse(self.storage_url).netloc
+
+    @property
+    def s3_prefix(self) -> str:
+        """Key prefix inside the bucket, without slashes at either end ('' for none)."""
+        return urlparse(self.storage_url).path.strip("/")
+
+    @property
+    def local_root(self) -> Path:
+        """The directory of a file:// store."""
+        return Path(urlparse(self.storage_url).path)
+
+
+class _Reader:
+    """Reads one variable at a time and turns any parse failure into a SettingsError."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def get(self, name: str, default: T, parse: Callable[[str], T]) -> T:
+        raw = self._env.get(PREFIX + name)
+        if raw is None or raw.strip() == "":
+            return default
+        try:
+            return parse(raw.strip())
+        except (ValueError, TypeError) as error:
+            raise SettingsError(f"{PREFIX}{name}={raw!r}: {error}") from None
+
+
+def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
+    def parse(value: str) -> T:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise ValueError(f"expected a positive {kind.__name__}") from None
+        if not number > 0:  # type: ignore[operator]
+            raise ValueError(f"expected a positive {kind.__name__}")
+        return number
+
+    return parse
+
+
+def _redis_url(value: str) -> str:
+    if urlparse(value).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    return value
+
+
+def _http_url(value: str) -> str:
+    parsed = urlparse(value)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError("expected an http:// or https:// URL")
+    return value
+
+
+def _storage_url(value: str) -> str:
+    parsed = urlparse(value)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError("expected s3://BUCKET/PREFIX (the bucket is missing)")
+        return value
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
+            raise ValueError("expected file:///ABSOLUTE/PATH")
+        return value
+    raise ValueError("expected s3://BUCKET/PREFIX or file:///ABSOLUTE/PATH")
+
+
+def _dtype(value: str) -> str:
+    if value not in DTYPES:
+        raise ValueError(f"expected one of {', '.join(DTYPES)}")
+    return value

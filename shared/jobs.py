@@ -1,0 +1,472 @@
+"""Job and upload records in Redis: the one place where a job's state lives.
+
+The gateway creates and cancels jobs; workers move them through their states and report
+progress. Every state change is a Lua script that checks the current state and writes in one
+atomic step, so a terminal state (succeeded, failed, cancelled) can never be overwritten, however
+the gateway and redelivered workers interleave. Each change is also published on the job's
+event channel, which the gateway serves as Server-Sent Events. No torch: the gateway imports this.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import redis
+
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+IDEMPOTENCY_TTL_S = 24 * 3600
+
+
+def job_key(job_id: str) -> str:
+    return f"job:{job_id}"
+
+
+def tenant_jobs_key(tenant: str) -> str:
+    return f"tenant-jobs:{tenant}"
+
+
+def events_channel(job_id: str) -> str:
+    return f"job-events:{job_id}"
+
+
+def idempotency_key(tenant: str, key: str) -> str:
+    return f"idem:{tenant}:{key}"
+
+
+def upload_record_key(upload_id: str) -> str:
+    return f"upload:{upload_id}"
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class Job:
+    """One unit of work. Times are unix seconds; `error` is None or {"code", "message"}."""
+
+    id: str
+    tenant: str
+    type: str
+    params: dict[str, Any]
+    state: str = "queued"
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: float = 0.0
+    stage: str = "queued"
+    message: str = ""
+    frames_done: int | None = None
+    frames_total: int | None = None
+    attempts: int = 0
+    error: dict[str, str] | None = None
+    artifacts: list[str] = field(default_factory=list)
+    parent_job_id: str | None = None
+    cancel_requested: bool = False
+
+    @classmethod
+    def new(
+        cls, tenant: str, type: str, params: dict[str, Any], parent_job_id: str | None = None
+    ) -> Job:
+        return cls(
+            id=new_id(), tenant=tenant, type=type, params=params, parent_job_id=parent_job_id
+        )
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        """Known fields only, so a record written by a newer version still loads."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+# Each hash field holds the JSON of one Job field, so types survive the round trip and states
+# compare as their JSON text ('"queued"') inside the scripts.
+
+_CREATE = """
+if KEYS[3] then
+  local existing = redis.call('GET', KEYS[3])
+  if existing then return existing end
+  redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[3])
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return redis.error_reply('job ' .. ARGV[1] .. ' already exists')
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return ARGV[1]
+"""
+
+# ARGV: n, n allowed states, increment field ('' for none), field/value pairs.
+# Returns false when the job is missing, else {applied (0/1), HGETALL after the change}.
+_TRANSITION = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local n = tonumber(ARGV[1])
+local state = redis.call('HGET', KEYS[1], 'state')
+local allowed = false
+for i = 2, n + 1 do
+  if ARGV[i] == state then allowed = true end
+end
+if not allowed then return {0, redis.call('HGETALL', KEYS[1])} end
+local incr = ARGV[n + 2]
+if incr ~= '' then redis.call('HINCRBY', KEYS[1], incr, 1) end
+if #ARGV > n + 2 then redis.call('HSET', KEYS[1], unpack(ARGV, n + 3)) end
+return {1, redis.call('HGETALL', KEYS[1])}
+"""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _decode_hash(raw: dict | list) -> Job:
+    if isinstance(raw, list):  # HGETALL reply from a script: flat [field, value, ...]
+        raw = dict(zip(raw[::2], raw[1::2], strict=True))
+    return Job.from_dict({_text(k): json.loads(v) for k, v in raw.items()})
+
+
+def _encode_fields(values: dict[str, Any]) -> list[str]:
+    flat: list[str] = []
+    for name, value in values.items():
+        flat += [name, json.dumps(value)]
+    return flat
+
+
+class JobStore:
+    """Job records (`job:{id}` hashes), per-tenant index and event channels in Redis."""
+
+    def __init__(self, redis_client: redis.Redis) -> None:
+        self._redis = redis_client
+        self._create = redis_client.register_script(_CREATE)
+        self._transition = redis_client.register_script(_TRANSITION)
+
+    # -- creation and reading -------------------------------------------------------------
+
+    def create(self, job: Job) -> Job:
+        self._create(
+            keys=[job_key(job.id), tenant_jobs_key(job.tenant)],
+            args=[job.id, repr(job.created_at), 0, *_encode_fields(job.to_dict())],
+        )
+        return job
+
+    def create_idempotent(self, job: Job, key: str) -> tuple[Job, bool]:
+        """Create `job` unless this tenant already used `key`; then return that job instead."""
+        created_id = _text(
+            self._create(
+                keys=[
+                    job_key(job.id),
+                    tenant_jobs_key(job.tenant),
+                    idempotency_key(job.tenant, key),
+                ],
+                args=[
+                    job.id,
+                    repr(job.created_at),
+                    IDEMPOTENCY_TTL_S,
+                    *_encode_fields(job.to_dict()),
+                ],
+            )
+        )
+        if created_id == job.id:
+            return job, True
+        existing = self.get(created_id)
+        if existing is None:
+            raise LookupError(f"idempotency key {key!r} names missing job {created_id}")
+        return existing, False
+
+    def get(self, job_id: str) -> Job | None:
+        raw = self._redis.hgetall(job_key(job_id))
+        return _decode_hash(raw) if raw else None
+
+    def get_for_tenant(self, tenant: str, job_id: str) -> Job | None:
+        """The job, or None when it does not exist or belongs to another tenant."""
+        job = self.get(job_id)
+        return job if job is not None and job.tenant == tenant else None
+
+    def list(
+        self,
+        tenant: str,
+        state: str | None = None,
+        type: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[Job], str | None]:
+        """A page of the tenant's jobs, newest first, and the cursor of the next page (or None).
+
+        The cursor marks the last job returned (its created_at and id), so jobs created while a
+        client pages through never shift or repeat entries. Raises ValueError for a bad cursor.
+        """
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        max_score, after_id = "+inf", None
+        if cursor is not None:
+            after_score, after_id = _decode_cursor(cursor)
+            max_score = repr(after_score)
+        index = tenant_jobs_key(tenant)
+        page: list[Job] = []
+        offset, batch_size = 0, max(limit, 50)
+        while True:
+            scanned = self._redis.zrevrangebyscore(
+                index, max_score, "-inf", start=offset, num=batch_size, withscores=True
+            )
+            offset += len(scanned)
+            # Equal scores come in reverse lexicographic order of id: skip those already served.
+            batch = [
+                (_text(member), score)
+                for member, score in scanned
+                if after_id is None or score != after_score or _text(member) < after_id
+            ]
+            pipe = self._redis.pipeline(transaction=False)
+            for job_id, _ in batch:
+                pipe.hgetall(job_key(job_id))
+            for (job_id, score), raw in zip(batch, pipe.execute(), strict=True):
+                if not raw:
+                    continue
+                job = _decode_hash(raw)
+                if (state is None or job.state == state) and (type is None or job.type == type):
+                    page.append(job)
+                    if len(page) == limit:
+                        return page, _encode_cursor(score, job_id)
+            if len(scanned) < batch_size:
+                return page, None
+
+    # -- state changes --------------------------------------------------------------------
+
+    def _apply(
+        self,
+        job_id: str,
+        allowed: tuple[str, ...],
+        values: dict[str, Any],
+        increment: str = "",
+        event: str = "state",
+    ) -> tuple[Job | None, bool]:
+        reply = self._transition(
+            keys=[job_key(job_id)],
+            args=[
+                len(allowed),
+                *(json.dumps(s) for s in allowed),
+                increment,
+                *_encode_fields(values),
+            ],
+        )
+        if not reply:
+            return None, False
+        applied, raw = reply
+        job = _decode_hash(raw)
+        if applied:
+            self._publish(job, event)
+        return job, bool(applied)
+
+    def _publish(self, job: Job, event: str) -> None:
+        self._redis.publish(
+            events_channel(job.id), json.dumps({"event": event, "job": job.to_dict()})
+        )
+
+    def start(self, job_id: str) -> Job | None:
+        """Mark a queued (or redelivered running) job running and count the attempt.
+
+        Returns None when the job is missing, cancelled or otherwise terminal: do not run it.
+        """
+        job, applied = self._apply(
+            job_id,
+            ("queued", "running"),
+            {"state": "running", "started_at": time.time(), "stage": "starting", "progress": 0.0},
+            increment="attempts",
+        )
+        return job if applied else None
+
+    def progress(
+        self,
+        job_id: str,
+        progress: float,
+        stage: str,
+        message: str = "",
+        frames_done: int | None = None,
+        frames_total: int | None = None,
+    ) -> None:
+        """Record and publish progress of a running job (ignored once it is terminal)."""
+        values: dict[str, Any] = {
+            "progress": round(max(0.0, min(100.0, progress)), 2),
+            "stage": stage,
+            "message": message,
+        }
+        if frames_done is not None:
+            values["frames_done"] = frames_done
+        if frames_total is not None:
+            values["frames_total"] = frames_total
+        self._apply(job_id, ("running",), values, event="progress")
+
+    def succeed(self, job_id: str, artifacts: list[str]) -> Job | None:
+        """Running → succeeded with its artifact names; None if the job was not running."""
+        job, applied = self._apply(
+            job_id,
+            ("running",),
+            {
+                "state": "succeeded",
+                "finished_at": time.time(),
+                "progress": 100.0,
+                "stage": "done",
+                "artifacts": list(artifacts),
+            },
+        )
+        return job if applied else None
+
+    def fail(self, job_id: str, code: str, message: str) -> Job | None:
+        """Queued or running → failed with {"code", "message"}; None if already terminal."""
+        job, applied = self._apply(
+            job_id,
+            ("queued", "running"),
+            {
+                "state": "failed",
+                "finished_at": time.time(),
+                "stage": "failed",
+                "message": message,
+                "error": {"code": code, "message": message},
+            },
+        )
+        return job if applied else None
+
+    def mark_cancelled(self, job_id: str) -> Job | None:
+        """Queued or running → cancelled (the worker has stopped); None if already terminal."""
+        job, applied = self._apply(job_id, ("queued", "running"), _cancelled_values())
+        return job if applied else None
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Cancel on a user's request: a queued job is cancelled at once, a running one is
+        flagged for its worker to stop, a terminal one is left alone. None if missing."""
+        job, applied = self._apply(job_id, ("queued",), _cancelled_values())
+        if job is None or applied:
+            return job
+        flagged, _ = self._apply(job_id, ("running",), {"cancel_requested": True}, event="progress")
+        return flagged
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """One HGET: cheap enough for the engine to ask every frame."""
+        return self._redis.hget(job_key(job_id), "cancel_requested") in (b"true", "true")
+
+    # -- events ---------------------------------------------------------------------------
+
+    def events(self, job_id: str, idle_s: float = 15.0) -> Iterator[dict[str, Any] | None]:
+        """The job's events, starting with its current snapshot, ending after a terminal state.
+
+        Each event is {"event": "state" | "progress", "job": job dict}. After `idle_s` seconds
+        without an event it yields None (so an SSE stream can send a keep-alive) after checking
+        the record itself, so a missed publish cannot leave a client waiting forever. Yields
+        nothing for an unknown job.
+        """
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(events_channel(job_id))  # before reading, so nothing falls between
+        try:
+            job = self.get(job_id)
+            if job is None:
+                return
+            yield {"event": "state", "job": job.to_dict()}
+            if job.terminal:
+                return
+            while True:
+                message = _next_message(pubsub, idle_s)
+                if message is None:
+                    job = self.get(job_id)
+                    if job is None or job.terminal:
+                        if job is not None:
+                            yield {"event": "state", "job": job.to_dict()}
+                        return
+                    yield None
+                    continue
+                event = json.loads(message["data"])
+                yield event
+                if event["event"] == "state" and event["job"]["state"] in TERMINAL_STATES:
+                    return
+        finally:
+            pubsub.close()
+
+
+def _cancelled_values() -> dict[str, Any]:
+    return {
+        "state": "cancelled",
+        "finished_at": time.time(),
+        "stage": "cancelled",
+        "cancel_requested": True,
+    }
+
+
+def _next_message(pubsub: redis.client.PubSub, timeout_s: float) -> dict | None:
+    """The next published message within `timeout_s` (subscribe confirmations skipped)."""
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        message = pubsub.get_message(timeout=left)
+        if message is not None and message["type"] == "message":
+            return message
+    return None
+
+
+def _encode_cursor(score: float, job_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{score!r}:{job_id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        score, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split(":", 1)
+        return float(score), job_id
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"invalid cursor {cursor!r}") from None
+
+
+@dataclass
+class Upload:
+    """A validated input file in the object store, usable as job input by its id.
+
+    `kind` is "audio" or "tokens" (a .npy [8, T] array); `duration_s` is its length in seconds.
+    """
+
+    id: str
+    tenant: str
+    key: str
+    filename: str
+    kind: str
+    bytes: int
+    duration_s: float
+    sample_rate: int | None = None
+    channels: int | None = None
+    created_at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Upload:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class UploadStore:
+    """Upload records (`upload:{id}`, one JSON value each) in Redis."""
+
+    def __init__(self, redis_client: redis.Redis) -> None:
+        self._redis = redis_client
+
+    def create(self, upload: Upload) -> Upload:
+        if not self._redis.set(upload_record_key(upload.id), json.dumps(upload.to_dict()), nx=True):
+            raise ValueError(f"upload {upload.id} already exists")
+        return upload
+
+    def get(self, upload_id: str) -> Upload | None:
+        raw = self._redis.get(upload_record_key(upload_id))
+        return Upload.from_dict(json.loads(raw)) if raw else None
+
+    def get_for_tenant(self, tenant: str, upload_id: str) -> Upload | None:
+        """The upload, or None when it does not exist or belongs to another tenant."""
+        upload = self.get(upload_id)
+        return upload if upload is not None and upload.tenant == tenant else None

@@ -1,0 +1,240 @@
+"""Request and response schemas (pydantic v2): one definition validates requests and generates
+the OpenAPI document, so the two cannot drift apart.
+
+Limits that depend on the deployment (tag count, lyrics length, duration) come from Settings
+through the validation context; limits that need a tokenizer (prompt + frames fit the model's
+context) are re-checked by the worker. No torch: the gateway imports this.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from shared.config import Settings
+from shared.jobs import Job, Upload
+
+AudioFormat = Literal["flac", "wav", "mp3"]
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]  # jobs.STATES
+SEED_MAX = 2**32 - 1
+AUDIO_VOCAB = 8197  # HeartMuLa's per-codebook vocabulary (top_k cannot exceed it)
+
+
+class _Params(BaseModel):
+    # strict: "30" is not a number and 7.0 is not an integer; forbid: a misspelt field is an
+    # error, not a silently ignored option
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+def _limits(info: ValidationInfo) -> Settings:
+    context = info.context or {}
+    return context.get("settings") or Settings()
+
+
+class GenerateParams(_Params):
+    tags: str = Field(
+        min_length=1,
+        description="Comma-separated style tags, e.g. 'piano,happy' "
+        "(at most HEARTCLUSTER_MAX_TAGS tags).",
+        examples=["piano,happy"],
+    )
+    lyrics: str = Field(
+        "", description="Lyrics text (at most HEARTCLUSTER_MAX_LYRICS_CHARS characters)."
+    )
+    duration_s: float = Field(
+        30.0, gt=0, description="Seconds of audio (at most HEARTCLUSTER_MAX_DURATION_S)."
+    )
+    temperature: float = Field(1.0, gt=0, le=2)
+    top_k: int = Field(50, ge=1, le=AUDIO_VOCAB)
+    cfg_scale: float = Field(1.5, ge=1.0, le=10.0, description="Classifier-free guidance.")
+    seed: int | None = Field(
+        None, ge=0, le=SEED_MAX, description="Omit to let the worker pick one (recorded)."
+    )
+    format: AudioFormat = "flac"
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: str, info: ValidationInfo) -> str:
+        tags = [tag.strip() for tag in value.split(",") if tag.strip()]
+        if not tags:
+            raise ValueError("give at least one tag")
+        limit = _limits(info).max_tags
+        if len(tags) > limit:
+            raise ValueError(f"{len(tags)} tags given; at most {limit} allowed")
+        return ",".join(tags)
+
+    @field_validator("lyrics")
+    @classmethod
+    def _lyrics(cls, value: str, info: ValidationInfo) -> str:
+        limit = _limits(info).max_lyrics_chars
+        if len(value) > limit:
+            raise ValueError(f"lyrics are {len(value)} characters; at most {limit} allowed")
+        return value
+
+    @field_validator("duration_s")
+    @classmethod
+    def _duration(cls, value: float, info: ValidationInfo) -> float:
+        limit = _limits(info).max_duration_s
+        if value > limit:
+            raise ValueError(f"duration {value:g} s is over the limit of {limit:g} s")
+        return value
+
+
+class DecodeParams(_Params):
+    """Tokens → audio, from a finished job's tokens.npy or an uploaded .npy ([8, T] codes)."""
+
+    source_job_id: str | None = Field(None, min_length=1)
+    tokens_upload_id: str | None = Field(None, min_length=1, validate_default=True)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    steps: int = Field(10, ge=1, le=200, description="Flow-matching solver steps.")
+    format: AudioFormat = "flac"
+
+    @field_validator("tokens_upload_id")
+    @classmethod
+    def _exactly_one_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if (value is None) == (info.data.get("source_job_id") is None):
+            raise ValueError("give exactly one of source_job_id or tokens_upload_id")
+        return value
+
+
+class EncodeParams(_Params):
+    """Audio → tokens, from an uploaded audio file."""
+
+    upload_id: str = Field(min_length=1)
+
+
+PARAMS_FOR_TYPE: dict[str, type[_Params]] = {
+    "generate": GenerateParams,
+    "decode": DecodeParams,
+    "encode": EncodeParams,
+}
+JobType = Literal["generate", "decode", "encode"]
+
+
+class SubmitRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: JobType
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="GenerateParams, DecodeParams or EncodeParams, according to `type`.",
+    )
+    idempotency_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Resubmitting with the same key returns the first job instead of a new one "
+        "(the Idempotency-Key header does the same).",
+    )
+
+
+class InvalidRequest(ValueError):
+    """A request failed validation: `field` is the dotted path of the first bad field."""
+
+    def __init__(
+        self, field: str | None, message: str, details: list[dict[str, str]] | None = None
+    ) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.message = message
+        self.details = details or []
+
+
+def _invalid(error: ValidationError, prefix: tuple[str, ...] = ()) -> InvalidRequest:
+    details = [
+        {"field": ".".join(str(part) for part in (*prefix, *e["loc"])), "message": e["msg"]}
+        for e in error.errors(include_url=False)
+    ]
+    return InvalidRequest(details[0]["field"], details[0]["message"], details)
+
+
+def parse_submit(body: Any, settings: Settings) -> tuple[SubmitRequest, _Params]:
+    """Validate a submit body: the envelope, then the params against the type's schema."""
+    if not isinstance(body, dict):
+        raise InvalidRequest(None, "the body must be a JSON object")
+    try:
+        request = SubmitRequest.model_validate(body)
+    except ValidationError as error:
+        raise _invalid(error) from None
+    try:
+        params = PARAMS_FOR_TYPE[request.type].model_validate(
+            request.params, context={"settings": settings}
+        )
+    except ValidationError as error:
+        raise _invalid(error, ("params",)) from None
+    return request, params
+
+
+# -- responses ------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobOut(BaseModel):
+    """A job as clients see it."""
+
+    id: str
+    type: str
+    state: JobState
+    params: dict[str, Any]
+    progress: float = Field(description="0 to 100")
+    stage: str
+    message: str
+    frames_done: int | None
+    frames_total: int | None
+    attempts: int
+    error: JobError | None
+    artifacts: list[str] = Field(description="Names for GET /v1/jobs/{id}/artifacts/{name}.")
+    parent_job_id: str | None
+    cancel_requested: bool
+    created_at: float = Field(description="Unix seconds")
+    started_at: float | None
+    finished_at: float | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page.")
+
+
+class UploadOut(BaseModel):
+    id: str
+    filename: str
+    kind: Literal["audio", "tokens"]
+    bytes: int
+    duration_s: float
+    sample_rate: int | None
+    channels: int | None
+    created_at: float
+
+
+def job_out(job: Job | dict[str, Any]) -> dict[str, Any]:
+    """A job record as the JSON clients get (internal fields such as the tenant left out)."""
+    data = job.to_dict() if isinstance(job, Job) else job
+    return {name: data.get(name) for name in JobOut.model_fields}
+
+
+def upload_out(upload: Upload) -> dict[str, Any]:
+    data = upload.to_dict()
+    return {name: data.get(name) for name in UploadOut.model_fields}
