@@ -7,6 +7,7 @@ from functools import cache
 from typing import Any
 
 from flask import Blueprint, jsonify
+from flask.typing import ResponseReturnValue
 from pydantic.json_schema import models_json_schema
 
 from api.app import services
@@ -231,5 +232,5 @@ def _document_for(settings: Settings) -> dict[str, Any]:
 
 
 @bp.get("/openapi.json")
-def openapi_json():
+def openapi_json() -> ResponseReturnValue:
     return jsonify(_document_for(services().settings))

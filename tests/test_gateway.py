@@ -28,34 +28,10 @@ from shared.jobs import JobStore
 from shared.queueing import QUEUES, TASK_NAME
 from shared.storage import LocalStore, S3Store, artifact_key
 from shared.tenants import TenantStore
+from tests.support.fakes import RecordingCelery
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_UPLOAD_BYTES = 400_000
-
-
-class RecordingCelery:
-    """Stands in for celery.Celery: records what the gateway sends, revokes and asks."""
-
-    def __init__(self, consumed: tuple[str, ...] = ()) -> None:
-        self.sent: list[dict[str, Any]] = []
-        self.revoked: list[str] = []
-        self.consumed = consumed
-        self.fail_sends = False
-        self.control = self
-
-    def send_task(self, name: str, args: list, task_id: str, queue: str) -> None:
-        if self.fail_sends:
-            raise ConnectionError("broker down")
-        self.sent.append({"name": name, "args": args, "task_id": task_id, "queue": queue})
-
-    def revoke(self, task_id: str) -> None:
-        self.revoked.append(task_id)
-
-    def inspect(self, timeout: float) -> RecordingCelery:
-        return self
-
-    def active_queues(self) -> dict[str, list[dict[str, str]]]:
-        return {"worker@test": [{"name": name} for name in self.consumed]}
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
+from flask.typing import ResponseReturnValue
 
 from api.app import services
 from api.errors import ApiError
@@ -15,13 +16,13 @@ WORKER_REPLY_TIMEOUT_S = 1.0
 
 
 @bp.get("/healthz")
-def healthz():
+def healthz() -> ResponseReturnValue:
     """The process answers."""
     return jsonify({"status": "ok"})
 
 
 @bp.get("/readyz")
-def readyz():
+def readyz() -> ResponseReturnValue:
     """Redis and the object store reachable, and for each queue whether a worker consumes it.
 
     Workers are found by asking them over the broker (Celery `inspect active_queues`, waiting
@@ -33,24 +34,26 @@ def readyz():
     if unknown:
         raise ApiError(422, "invalid_params", f"unknown queue(s) {unknown}", "queues")
     svc = services()
-    checks: dict[str, object] = {}
+    redis_error = store_error = None
     try:
         svc.redis.ping()
-        checks["redis"] = {"ok": True}
-    except Exception as error:  # any client error means not ready; say which
-        checks["redis"] = {"ok": False, "error": str(error)}
+    except Exception as error:  # whatever the client raises, Redis is not usable: say why
+        redis_error = str(error)
     try:
         svc.store.check()
-        checks["store"] = {"ok": True}
     except StorageError as error:
-        checks["store"] = {"ok": False, "error": str(error)}
-    queues = {name: False for name in QUEUES}
-    if checks["redis"]["ok"]:
-        queues = consumed_queues(svc.celery, timeout_s=WORKER_REPLY_TIMEOUT_S)
-    checks["queues"] = {name: {"consumers": consumed} for name, consumed in queues.items()}
-    ready = (
-        checks["redis"]["ok"] and checks["store"]["ok"] and all(queues[name] for name in required)
+        store_error = str(error)
+    consumed = (
+        consumed_queues(svc.celery, timeout_s=WORKER_REPLY_TIMEOUT_S)
+        if redis_error is None
+        else dict.fromkeys(QUEUES, False)
     )
+    ready = redis_error is None and store_error is None and all(consumed[name] for name in required)
+    checks = {
+        "redis": {"ok": redis_error is None, "error": redis_error},
+        "store": {"ok": store_error is None, "error": store_error},
+        "queues": {name: {"consumers": live} for name, live in consumed.items()},
+    }
     response = jsonify({"status": "ready" if ready else "not_ready", "checks": checks})
     response.status_code = 200 if ready else 503
     return response

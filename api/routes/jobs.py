@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, redirect, request, send_file, stream_with_context
+from flask.typing import ResponseReturnValue
 
 from api.app import services
 from api.auth import authenticate, current_tenant
@@ -78,7 +79,7 @@ def _upload_of_kind(tenant: str, upload_id: str | None, kind: str, field: str) -
 
 
 @bp.post("")
-def submit():
+def submit() -> ResponseReturnValue:
     """Validate, record (state queued) and enqueue a job; 202 with the job.
 
     With an idempotency key (header `Idempotency-Key` or body `idempotency_key`) a repeated
@@ -89,8 +90,11 @@ def submit():
     try:
         submission, params = parse_submit(_json_body(), svc.settings)
     except InvalidRequest as error:
-        status = 400 if error.field is None else 422
-        api_error = ApiError(status, _status_code(status), error.message, error.field)
+        # a body that is not an object is malformed (400); a bad field is invalid (422)
+        if error.field is None:
+            api_error = ApiError(400, "bad_request", error.message)
+        else:
+            api_error = ApiError(422, "invalid_params", error.message, error.field)
         api_error.extra["details"] = error.details
         raise api_error from None
     key = _idempotency_key(submission.idempotency_key)
@@ -123,10 +127,6 @@ def submit():
     return response
 
 
-def _status_code(status: int) -> str:
-    return "invalid_params" if status == 422 else "bad_request"
-
-
 def _idempotency_key(from_body: str | None) -> str | None:
     header = request.headers.get("Idempotency-Key")
     if header is not None and not 1 <= len(header.strip()) <= 200:
@@ -143,7 +143,7 @@ def _idempotency_key(from_body: str | None) -> str | None:
 
 
 @bp.get("")
-def list_jobs():
+def list_jobs() -> ResponseReturnValue:
     """The tenant's jobs, newest first; filters `state`, `type`; pages by `limit`, `cursor`."""
     args = request.args
     state, job_type = args.get("state"), args.get("type")
@@ -169,12 +169,12 @@ def list_jobs():
 
 
 @bp.get("/<job_id>")
-def get_job(job_id: str):
+def get_job(job_id: str) -> ResponseReturnValue:
     return jsonify(job_out(_job_or_404(job_id)))
 
 
 @bp.post("/<job_id>/cancel")
-def cancel_job(job_id: str):
+def cancel_job(job_id: str) -> ResponseReturnValue:
     """Queued → cancelled at once (and its message revoked); running → its worker is told to
     stop and the job ends `cancelled` shortly; finished jobs are returned unchanged."""
     svc = services()
@@ -186,7 +186,7 @@ def cancel_job(job_id: str):
 
 
 @bp.get("/<job_id>/events")
-def job_events(job_id: str):
+def job_events(job_id: str) -> ResponseReturnValue:
     """Server-Sent Events: `state` and `progress` events (data = {"event", "job"}), starting
     with the current state and ending after a terminal one; comments keep idle streams open."""
     _job_or_404(job_id)
@@ -208,7 +208,7 @@ def job_events(job_id: str):
 
 
 @bp.get("/<job_id>/artifacts/<name>")
-def get_artifact(job_id: str, name: str):
+def get_artifact(job_id: str, name: str) -> ResponseReturnValue:
     """302 to a presigned URL (S3), or the bytes streamed (local store)."""
     job = _job_or_404(job_id)
     if name not in job.artifacts:

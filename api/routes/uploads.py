@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 from flask import Blueprint, jsonify, request
+from flask.typing import ResponseReturnValue
 from werkzeug.utils import secure_filename
 
 from api.app import services
@@ -61,7 +62,7 @@ def probe_tokens(path: Path, max_seconds: float) -> float:
 
 
 @bp.post("")
-def create_upload():
+def create_upload() -> ResponseReturnValue:
     """Store a multipart `file` after checking it: audio (any format libsndfile reads) or a
     .npy token array. 201 with the upload; 413 over HEARTCLUSTER_MAX_UPLOAD_BYTES."""
     svc = services()

@@ -191,6 +191,15 @@ class GenerationEngine:
         model = load_heartmula(heartmula_folder(model_dir, version), dev, resolve_dtype(dtype, dev))
         return cls(model, PromptBuilder.from_model_dir(model_dir), max_rows=max_rows)
 
+    @property
+    def active_requests(self) -> int:
+        return len(self._running)
+
+    @property
+    def pending_requests(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
     # ----- submitting -------------------------------------------------------------------------
 
     def submit(

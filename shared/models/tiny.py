@@ -72,12 +72,13 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[BOS_TOKEN, EOS_TOKEN],
+        vocab_size=vocab_size - 2,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
+    # Specials go last, as in Llama 3 (128000/128001), so text id 0 is an ordinary token.
+    tokenizer.add_special_tokens([BOS_TOKEN, EOS_TOKEN])
     bos = tokenizer.token_to_id(BOS_TOKEN)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A $B", special_tokens=[(BOS_TOKEN, bos)]
