@@ -16,13 +16,15 @@ from shared.storage import artifact_key
 from tests.integration.conftest import Cluster
 
 SAMPLES_PER_FRAME = 3840
-SHORT = {"tags": "piano,happy", "lyrics": "[verse] hello world", "duration_s": 2.0}
+# Random tiny weights sample audio EOS now and then; with these seeds they do not (checked
+# against write_tiny_models(seed=0)): SHORT runs its 25 frames, LONG its 1500.
+SHORT = {"tags": "piano,happy", "lyrics": "[verse] hello world", "duration_s": 2.0, "seed": 11}
 # Longer than any test waits: these jobs end by being cancelled.
-LONG = {"tags": "rock", "duration_s": 300.0, "cfg_scale": 1.0}
+LONG = {"tags": "rock", "duration_s": 120.0, "cfg_scale": 1.0, "seed": 17}
 
 
 def test_generate_streams_progress_and_serves_audio_and_tokens(cluster: Cluster) -> None:
-    job = cluster.submit("alice", "generate", {**SHORT, "seed": 11})
+    job = cluster.submit("alice", "generate", SHORT)
     assert job["state"] == "queued"
 
     events = list(cluster.events("alice", job["id"]))
