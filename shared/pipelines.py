@@ -25,8 +25,6 @@ NUM_CODEBOOKS = 8
 GENERATE_SHARE = 0.8
 DECODE_STEPS = 10  # the reference's flow-matching steps for generated songs
 
-AUDIO_CONTENT_TYPES = {"flac": "audio/flac", "wav": "audio/wav", "mp3": "audio/mpeg"}
-
 
 class PipelineAborted(Exception):
     """The job's abort check said stop; nothing it produced should be kept."""

@@ -59,7 +59,12 @@ def _load_models(sender: Any, **_: Any) -> None:
         )
     queues = set(sender.app.amqp.queues.consume_from or sender.app.amqp.queues)
     log.info("loading models for queues %s", sorted(queues))
-    runner().models.preload(queues)
+    try:
+        runner().models.preload(queues)
+    except Exception as error:
+        # A worker without its models must not take jobs: stop it, saying why.
+        log.exception("loading models failed")
+        raise SystemExit(f"heartcluster worker: loading models failed: {error}") from error
 
 
 @signals.worker_shutdown.connect

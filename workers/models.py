@@ -19,7 +19,7 @@ from shared.codec.encoder import EncoderNotFoundError, HeartCodecEncoder, load_e
 from shared.config import Settings
 from shared.generation.engine import GenerationEngine
 from shared.models.heartmula import heartmula_folder
-from shared.models.tiny import NOISE_WARNING, write_tiny_models
+from shared.models.tiny import NOISE_WARNING, TINY_VERSION, write_tiny_models
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class WorkerModels:
         self.model_dir = ensure_model_dir(settings)
         folder = heartmula_folder(self.model_dir, settings.model_version)
         self.model_version = folder.name.removeprefix("HeartMuLa-oss-")
-        self.tiny = settings.model_dir is None
+        self.tiny = self.model_version == TINY_VERSION
         self.codec_lock = threading.Lock()  # one codec decode at a time per process
         self._load_lock = threading.Lock()
         self._engine: GenerationEngine | None = None

@@ -22,7 +22,6 @@ from shared.config import Settings
 from shared.generation.engine import GenerationRequest, RequestError
 from shared.jobs import Job, JobStore, Upload, UploadStore
 from shared.pipelines import (
-    AUDIO_CONTENT_TYPES,
     PipelineAborted,
     PipelineInputError,
     decode_tokens,
@@ -32,7 +31,7 @@ from shared.pipelines import (
     tokens_bytes,
 )
 from shared.schemas import DecodeParams, EncodeParams, GenerateParams
-from shared.storage import ObjectStore, artifact_key, job_prefix
+from shared.storage import ObjectStore, artifact_key, content_type_for, job_prefix
 from workers.models import WorkerModels
 from workers.progress import ProgressReporter
 
@@ -46,9 +45,9 @@ PIPELINE_SHARE = 95.0
 
 @dataclass
 class Output:
-    """What a pipeline produced: artifact name → (bytes, content type), plus metadata."""
+    """What a pipeline produced: artifact name → bytes, plus metadata."""
 
-    files: dict[str, tuple[bytes, str]]
+    files: dict[str, bytes]
     metadata: dict[str, object]
 
 
@@ -155,8 +154,9 @@ class JobRunner:
 
     def _write_artifacts(self, job: Job, output: Output) -> list[str]:
         """Every file, then metadata.json: a job without metadata is incomplete."""
-        for name, (data, content_type) in output.files.items():
-            self.objects.put_bytes(artifact_key(job.tenant, job.id, name), data, content_type)
+        for name, data in output.files.items():
+            key = artifact_key(job.tenant, job.id, name)
+            self.objects.put_bytes(key, data, content_type_for(name))
         metadata = {
             "job_id": job.id,
             "type": job.type,
@@ -166,7 +166,7 @@ class JobRunner:
         }
         payload = json.dumps(metadata, indent=2, sort_keys=True).encode()
         self.objects.put_bytes(
-            artifact_key(job.tenant, job.id, METADATA), payload, "application/json"
+            artifact_key(job.tenant, job.id, METADATA), payload, content_type_for(METADATA)
         )
         return [*output.files, METADATA]
 
@@ -204,14 +204,10 @@ class JobRunner:
             report,
             should_abort,
         )
-        audio_name = f"audio.{params.format}"
         return Output(
             files={
-                TOKENS: (tokens_bytes(song.tokens), "application/octet-stream"),
-                audio_name: (
-                    encode_audio(song.audio, params.format),
-                    AUDIO_CONTENT_TYPES[params.format],
-                ),
+                TOKENS: tokens_bytes(song.tokens),
+                f"audio.{params.format}": encode_audio(song.audio, params.format),
             },
             metadata={
                 "params": {**params.model_dump(), "seed": seed},
@@ -240,12 +236,7 @@ class JobRunner:
             should_abort=should_abort,
         )
         return Output(
-            files={
-                f"audio.{params.format}": (
-                    encode_audio(audio, params.format),
-                    AUDIO_CONTENT_TYPES[params.format],
-                )
-            },
+            files={f"audio.{params.format}": encode_audio(audio, params.format)},
             metadata={
                 "params": {**params.model_dump(), "seed": seed},
                 "seed": seed,
@@ -285,7 +276,7 @@ class JobRunner:
             should_abort=should_abort,
         )
         return Output(
-            files={TOKENS: (tokens_bytes(tokens), "application/octet-stream")},
+            files={TOKENS: tokens_bytes(tokens)},
             metadata={
                 "params": params.model_dump(),
                 "frames": int(tokens.shape[1]),
