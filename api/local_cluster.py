@@ -64,9 +64,9 @@ class LocalCluster:
         self.log = log
         self.url = f"http://{host}:{port}"
         self.api_key = ""
-        self.settings: Settings | None = None
+        self.settings: Settings | None = None  # as the children see them, once started
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}  # gateway and workers by name
         self._redis: subprocess.Popen[bytes] | None = None
-        self._children: dict[str, subprocess.Popen[bytes]] = {}
 
     @property
     def log_dir(self) -> Path:
@@ -103,7 +103,7 @@ class LocalCluster:
             raise
 
     def _spawn(self, name: str, command: list[str], env: Mapping[str, str]) -> None:
-        self._children[name] = spawn(command, env, self.log_dir / f"{name}.log")
+        self.processes[name] = spawn(command, env, self.log_dir / f"{name}.log")
 
     def _wait_ready(self, settings: Settings, deadline: float) -> None:
         celery = make_celery(settings)
@@ -127,7 +127,7 @@ class LocalCluster:
 
     def check_alive(self) -> None:
         """Raise naming the first child that exited, with the end of its log."""
-        for name, process in self._children.items():
+        for name, process in self.processes.items():
             if process.poll() is not None:
                 log_path = self.log_dir / f"{name}.log"
                 tail = log_path.read_text(errors="replace").splitlines()[-20:]
@@ -138,8 +138,8 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Gateway first, then workers (warm shutdown: running jobs go back to the queue)."""
-        names = [n for n in ("gateway", "gpu-worker", "cpu-worker") if n in self._children]
-        stop_processes([self._children.pop(n) for n in names])
+        names = [n for n in ("gateway", "gpu-worker", "cpu-worker") if n in self.processes]
+        stop_processes([self.processes.pop(n) for n in names])
         if self._redis is not None:
             stop_processes([self._redis])
             self._redis = None

@@ -1,6 +1,6 @@
-"""A real cluster per object store, started once per session: gateway and Celery workers as
-subprocesses (the same commands `heartcluster up` runs), the session redis-server (one
-database per cluster) and moto's S3 server, tiny models written once.
+"""A real cluster per object store, started once per session by the code behind
+`heartcluster up` (gateway, GPU-queue and CPU Celery workers as subprocesses) on the session
+redis-server (one database per cluster) and moto's S3 server, with tiny models written once.
 """
 
 from __future__ import annotations
@@ -19,23 +19,15 @@ import pytest
 import redis
 import requests
 
-from api.launcher import (
-    child_env,
-    free_port,
-    gateway_command,
-    spawn,
-    stop_processes,
-    worker_command,
-    worker_env,
-)
+from api.launcher import free_port
+from api.local_cluster import LocalCluster
 from shared.config import Settings
 from shared.jobs import TERMINAL_STATES
-from shared.queueing import consumed_queues, make_celery
 from shared.storage import ObjectStore, store_from_settings
 from shared.tenants import TenantStore
 
 TENANTS = ("alice", "bob")
-# Four engine rows: two guided jobs at once, so a third waits in the queue.
+# Four engine rows: two task threads on the GPU-queue worker, so a third job waits in the queue.
 ENGINE_ROWS = 4
 START_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 120
@@ -114,67 +106,33 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _wait_up(cluster: Cluster, workers: dict[str, subprocess.Popen[bytes]]) -> None:
-    celery = make_celery(cluster.settings)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        for name, process in [("gateway", cluster.gateway), *workers.items()]:
-            if process.poll() is not None:
-                log = (cluster.log_dir / f"{name}.log").read_text()[-3000:]
-                raise RuntimeError(f"{name} exited with {process.returncode}:\n{log}")
-        try:
-            gateway_up = requests.get(f"{cluster.url}/healthz", timeout=1).ok
-        except requests.RequestException:
-            gateway_up = False
-        consumed = consumed_queues(celery, timeout_s=0.5)
-        if gateway_up and all(consumed[kind] for kind in workers):
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"cluster did not start in {START_TIMEOUT_S} s; logs in {cluster.log_dir}")
-
-
-def _start_cluster(
-    env_overrides: dict[str, str], worker_kinds: tuple[str, ...], root: Path
-) -> Iterator[Cluster]:
+def _start_cluster(env_overrides: dict[str, str], root: Path) -> Iterator[Cluster]:
+    """The cluster exactly as `heartcluster up` starts it, on the given services."""
     env = {**os.environ, **env_overrides}
-    settings = Settings.from_env(env)
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis.Redis.from_url(env["HEARTCLUSTER_REDIS_URL"])
     client.flushdb()
-    tenants = TenantStore(client)
-    keys = {tenant: tenants.create_key(tenant) for tenant in TENANTS}
-    log_dir = root / "logs"
-    port = free_port()
-    workers = {
-        kind: spawn(
-            worker_command(kind, settings.data_dir, concurrency=ENGINE_ROWS // 2),
-            worker_env(kind, env),
-            log_dir / f"{kind}.log",
-        )
-        for kind in worker_kinds
-    }
-    gateway = spawn(gateway_command("127.0.0.1", port), child_env(env), log_dir / "gateway.log")
-    cluster = Cluster(
-        url=f"http://127.0.0.1:{port}",
-        settings=settings,
-        redis=client,
-        store=store_from_settings(settings),
-        keys=keys,
-        gateway=gateway,
-        log_dir=log_dir,
-    )
+    local = LocalCluster(root / "data", port=free_port(), env=env, log=lambda *_: None)
     try:
-        _wait_up(cluster, workers)
-        yield cluster
+        local.start(timeout_s=START_TIMEOUT_S)
+        tenants = TenantStore(client)
+        yield Cluster(
+            url=local.url,
+            settings=local.settings,
+            redis=client,
+            store=store_from_settings(local.settings),
+            keys={tenant: tenants.create_key(tenant) for tenant in TENANTS},
+            gateway=local.processes["gateway"],
+            log_dir=local.log_dir,
+        )
     finally:
-        stop_processes([gateway, *workers.values()])
+        local.stop()
         client.close()
 
 
-def _base_env(redis_url: str, db: int, model_dir: Path, data_dir: Path) -> dict[str, str]:
+def _base_env(redis_url: str, db: int, model_dir: Path) -> dict[str, str]:
     return {
         "HEARTCLUSTER_REDIS_URL": f"{redis_url.rsplit('/', 1)[0]}/{db}",
         "HEARTCLUSTER_MODEL_DIR": str(model_dir),
-        "HEARTCLUSTER_DATA_DIR": str(data_dir),
         "HEARTCLUSTER_DEVICE": "cpu",
         "HEARTCLUSTER_ENGINE_MAX_ROWS": str(ENGINE_ROWS),
     }
@@ -184,26 +142,26 @@ def _base_env(redis_url: str, db: int, model_dir: Path, data_dir: Path) -> dict[
 def s3_cluster(
     redis_url: str, s3_endpoint: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    """Artifacts in S3 (moto); a GPU-queue worker (on the CPU here) and a CPU worker."""
+    """Artifacts in S3 (moto)."""
     root = tmp_path_factory.mktemp("s3-cluster")
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
         Bucket="heartcluster-test"
     )
-    env = _base_env(redis_url, 1, model_dir, root / "data")
+    env = _base_env(redis_url, 1, model_dir)
     env["HEARTCLUSTER_STORAGE_URL"] = "s3://heartcluster-test/artifacts"
     env["HEARTCLUSTER_S3_ENDPOINT_URL"] = s3_endpoint
-    yield from _start_cluster(env, ("gpu", "cpu"), root)
+    yield from _start_cluster(env, root)
 
 
 @pytest.fixture(scope="session")
 def local_cluster(
     redis_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    """Artifacts in a local directory; a GPU-queue worker only."""
+    """Artifacts in a local directory."""
     root = tmp_path_factory.mktemp("local-cluster")
-    env = _base_env(redis_url, 2, model_dir, root / "data")
+    env = _base_env(redis_url, 2, model_dir)
     env["HEARTCLUSTER_STORAGE_URL"] = (root / "artifacts").as_uri()
-    yield from _start_cluster(env, ("gpu",), root)
+    yield from _start_cluster(env, root)
 
 
 @pytest.fixture(params=["s3", "local"])
