@@ -185,24 +185,24 @@ def test_progress_reaches_one_per_window_and_step(
     assert seen == sorted(seen) and seen[-1] == 1.0
 
 
-def test_abort_stops_between_steps(decoder: HeartCodecDecoder) -> None:
+def test_abort_stops_between_steps(
+    decoder: HeartCodecDecoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seen: list[float] = []
     calls = 0
-    original = decoder.model.flow_matching.estimator.forward
+    estimator = decoder.model.flow_matching.estimator
+    original = estimator.forward
 
     def counting(*args: torch.Tensor) -> torch.Tensor:
         nonlocal calls
         calls += 1
         return original(*args)
 
-    decoder.model.flow_matching.estimator.forward = counting
-    try:
-        with pytest.raises(DecodeAborted, match="after 3 of"):
-            decoder.detokenize(
-                _codes(400), steps=5, on_progress=seen.append, should_abort=lambda: len(seen) >= 3
-            )
-    finally:
-        del decoder.model.flow_matching.estimator.forward
+    monkeypatch.setattr(estimator, "forward", counting)
+    with pytest.raises(DecodeAborted, match="after 3 of"):
+        decoder.detokenize(
+            _codes(400), steps=5, on_progress=seen.append, should_abort=lambda: len(seen) >= 3
+        )
     assert calls == 3 and len(seen) == 3 and seen[-1] < 1.0
 
 
@@ -226,6 +226,34 @@ def test_frames_outside_the_mask_get_zero_cond_embedding(decoder: HeartCodecDeco
     assert torch.equal(masked[:, :12], full[:, :12])
     assert torch.equal(masked[0, 12:], flow.zero_cond_embedding1.expand(8, -1))
     assert torch.equal(full[:, 0::2], full[:, 1::2])  # nearest ×2 upsampling
+
+
+def test_euler_solver_applies_guidance_and_keeps_the_prefix(
+    decoder: HeartCodecDecoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flow = decoder.model.flow_matching
+    latent = flow.latent_dim
+
+    def velocity(inputs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # The first channels of the condition block: zero in the unconditional rows.
+        return inputs[..., 2 * latent : 3 * latent]
+
+    monkeypatch.setattr(flow.estimator, "forward", velocity)
+    cond, noise, prefix = torch.randn(1, 40, 32), torch.randn(1, 40, latent), torch.randn(1, 8, 16)
+    out = flow.solve(cond, noise, prefix, steps=4, guidance=1.5)
+    assert torch.equal(out[:, :8], prefix)
+    # Constant velocity 1.5 · cond over t = 0 → 1 (the unconditional branch sees zeros).
+    torch.testing.assert_close(out[:, 8:], noise[:, 8:] + 1.5 * cond[:, 8:, :latent])
+
+
+def test_rope_rotates_interleaved_pairs() -> None:
+    from shared.codec.estimator import apply_rope, rope_tables
+
+    x = torch.randn(1, 2, 5, 8)
+    cos, sin = rope_tables(5, 8, torch.device("cpu"))
+    as_complex = torch.view_as_complex(x.unflatten(-1, (4, 2)).contiguous())
+    expected = torch.view_as_real(as_complex * torch.complex(cos, sin))
+    torch.testing.assert_close(apply_rope(x, cos, sin), expected.flatten(-2))
 
 
 def test_scalar_codec_hop_is_1920_both_ways(decoder: HeartCodecDecoder) -> None:
