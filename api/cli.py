@@ -66,14 +66,13 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
     from shared.codec.local import encode_file
-    from shared.models.checkpoint import CheckpointError
 
     if not args.model_dir:
         print("error: pass --model-dir or set HEARTCLUSTER_MODEL_DIR", file=sys.stderr)
         return 2
     try:
         tokens = encode_file(Path(args.model_dir), Path(args.audio), args.device, args.dtype)
-    except (CheckpointError, ValueError) as error:
+    except ValueError as error:  # unreadable audio, or a missing/mismatched CheckpointError
         print(f"error: {error}", file=sys.stderr)
         return 2
     np.save(args.out, tokens)

@@ -30,20 +30,21 @@ from shared.codec.rvq import ResidualVQ
 from shared.models.checkpoint import CheckpointError, write_shards
 from shared.models.tiny import write_tiny_encoder
 
-LATENT_DIM = 64
+LATENT_DIM = 32
 
 
 def write_codec_rvq(model_dir: Path, dim: int = LATENT_DIM, seed: int = 0) -> None:
     """Stand-in for the tiny codec: a HeartCodec-oss/ holding only the RVQ tensors (official
-    names, `initted` stored as [1] like the published decoder)."""
+    names, `initted` stored as [1] like the published decoder), codes N(0, 1)."""
     generator = torch.Generator().manual_seed(seed)
-    state = ResidualVQ(dim=dim).state_dict()
+    state = ResidualVQ(dim=dim, codebook_dim=8).state_dict()
     tensors = {}
     for key, value in state.items():
         if key.endswith("initted"):
             value = value.reshape(1)
         elif value.is_floating_point():
-            value = torch.randn(value.shape, generator=generator)
+            scale = value.shape[-1] ** -0.5 if key.endswith("weight") else 1.0
+            value = torch.randn(value.shape, generator=generator) * scale
         tensors[RVQ_PREFIX + key] = value
     write_shards(tensors, model_dir / CODEC_FOLDER, num_shards=2)
 
@@ -104,8 +105,11 @@ def test_deterministic_across_calls_and_loads(model_dir: Path, encoder: HeartCod
 
 
 def test_chunks_are_independent_of_batching(encoder: HeartCodecEncoder) -> None:
-    audio = noise(61.0, 24_000)  # three chunks
-    one = encoder.tokenize(audio, 24_000, batch_size=1)
+    audio = noise(31.0, 24_000)  # two chunks
+    calls: list[tuple[int, int]] = []
+    record = lambda done, total: calls.append((done, total))  # noqa: E731
+    one = encoder.tokenize(audio, 24_000, batch_size=1, on_progress=record)
+    assert calls == [(1, 2), (2, 2)]
     np.testing.assert_array_equal(encoder.tokenize(audio, 24_000, batch_size=2), one)
     # The first 29.76 s alone (373 frames: one more, from a second chunk of silence) encode
     # to the whole song's first chunk of frames.
@@ -114,12 +118,9 @@ def test_chunks_are_independent_of_batching(encoder: HeartCodecEncoder) -> None:
     np.testing.assert_array_equal(head[:, :FRAMES_PER_CHUNK], one[:, :FRAMES_PER_CHUNK])
 
 
-def test_progress_per_batch_and_abort(encoder: HeartCodecEncoder) -> None:
-    audio = noise(31.0, 24_000)
-    calls: list[tuple[int, int]] = []
-    encoder.tokenize(audio, 24_000, batch_size=1, on_progress=lambda d, t: calls.append((d, t)))
-    assert calls == [(1, 2), (2, 2)]
+def test_abort_between_chunks(encoder: HeartCodecEncoder) -> None:
     checks = iter([False, True])
+    audio = noise(31.0, 24_000)
     with pytest.raises(EncodingAborted, match="after 1 of 2"):
         encoder.tokenize(audio, 24_000, batch_size=1, should_abort=lambda: next(checks))
 
