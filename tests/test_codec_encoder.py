@@ -107,7 +107,10 @@ def test_deterministic_across_calls_and_loads(model_dir: Path, encoder: HeartCod
 def test_chunks_are_independent_of_batching(encoder: HeartCodecEncoder) -> None:
     audio = noise(31.0, 24_000)  # two chunks
     calls: list[tuple[int, int]] = []
-    record = lambda done, total: calls.append((done, total))  # noqa: E731
+
+    def record(done: int, total: int) -> None:
+        calls.append((done, total))
+
     one = encoder.tokenize(audio, 24_000, batch_size=1, on_progress=record)
     assert calls == [(1, 2), (2, 2)]
     np.testing.assert_array_equal(encoder.tokenize(audio, 24_000, batch_size=2), one)

@@ -150,7 +150,7 @@ def tiny_encoder_config(latent_dim: int) -> dict:
                 "wavlm_config": {
                     "hidden_size": 16,
                     "num_hidden_layers": 9,
-                    "num_attention_heads": 2,
+                    "num_attention_heads": 1,
                     "intermediate_size": 32,
                     "conv_dim": [16] * 7,
                     "num_conv_pos_embeddings": 16,
@@ -162,7 +162,7 @@ def tiny_encoder_config(latent_dim: int) -> dict:
                     "conformer_config": {
                         "hidden_size": 16,
                         "num_hidden_layers": 11,
-                        "num_attention_heads": 2,
+                        "num_attention_heads": 1,
                         "intermediate_size": 32,
                         "conv_depthwise_kernel_size": 7,
                         "num_conv_pos_embeddings": 16,
