@@ -181,6 +181,24 @@ def _add_decode_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _cmd_encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from shared.codec.local import encode_file
+
+    if not args.model_dir:
+        print("error: pass --model-dir or set HEARTCLUSTER_MODEL_DIR", file=sys.stderr)
+        return 2
+    try:
+        tokens = encode_file(Path(args.model_dir), Path(args.audio), args.device, args.dtype)
+    except ValueError as error:  # unreadable audio, or a missing/mismatched CheckpointError
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    np.save(args.out, tokens)
+    print(f"wrote {args.out} {list(tokens.shape)} ({tokens.shape[1] / 12.5:.2f} s of tokens)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heartcluster", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -238,6 +256,18 @@ def build_parser() -> argparse.ArgumentParser:
     dec.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     _add_decode_options(dec)
     dec.set_defaults(handler=_cmd_decode)
+
+    enc = commands.add_parser("encode", help="audio file → tokens.npy [8, T] in this process")
+    enc.add_argument("audio", help="WAV, FLAC, OGG or MP3 file")
+    enc.add_argument("--out", required=True, help="tokens.npy to write")
+    enc.add_argument(
+        "--model-dir",
+        default=os.environ.get("HEARTCLUSTER_MODEL_DIR"),
+        help="holds HeartCodec-oss-encoder/ and HeartCodec-oss/ (default: $HEARTCLUSTER_MODEL_DIR)",
+    )
+    enc.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    enc.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: fp32)")
+    enc.set_defaults(handler=_cmd_encode)
     return parser
 
 

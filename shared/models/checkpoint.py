@@ -67,13 +67,19 @@ def shard_files(folder: Path) -> list[Path]:
 
 
 def read_tensors(
-    files: list[Path], device: torch.device, dtype: torch.dtype | None = None
+    files: list[Path], device: torch.device, dtype: torch.dtype | None = None, prefix: str = ""
 ) -> dict[str, torch.Tensor]:
-    """All tensors of the given files on `device`; floating tensors cast to `dtype` if given."""
+    """The tensors of the given files whose names start with `prefix`, on `device`.
+
+    Floating tensors are cast to `dtype` if given. Other tensors are never read, so one part of
+    a large checkpoint (the codec's RVQ, say) loads without the rest.
+    """
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if not key.startswith(prefix):
+                    continue
                 t = f.get_tensor(key)
                 if dtype is not None and t.is_floating_point():
                     t = t.to(dtype)

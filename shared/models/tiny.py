@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from shared.codec.tiny import write_tiny_codec
+from shared.codec.tiny import write_tiny_codec, write_tiny_encoder
 from shared.models.checkpoint import write_shards
 from shared.models.heartmula import HeartMuLa, HeartMuLaConfig
 from shared.models.llama import TransformerSpec
@@ -124,5 +124,10 @@ def write_tiny_heartmula(model_dir: Path, seed: int = 0) -> Path:
 
 
 def write_tiny_models(model_dir: Path, seed: int = 0) -> list[Path]:
-    """Every tiny part the project knows, in one model directory."""
-    return [write_tiny_heartmula(model_dir, seed), write_tiny_codec(model_dir, seed)]
+    """Every tiny part the project knows, in one model directory (the codec before the
+    encoder, which takes the codec's RVQ)."""
+    return [
+        write_tiny_heartmula(model_dir, seed),
+        write_tiny_codec(model_dir, seed),
+        write_tiny_encoder(model_dir, seed),
+    ]
