@@ -7,10 +7,19 @@ gateway) never loads torch.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from api.cluster_cli import add_cluster_commands
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from shared.codec.decoder import HeartCodecDecoder
+
+TOKENS_SUFFIX = ".npy"
 
 
 def _read_text_or_file(value: str) -> str:
@@ -31,12 +40,86 @@ def _cmd_models_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_decoder(args: argparse.Namespace) -> HeartCodecDecoder:
+    """The codec from --model-dir on --device (fp32 unless --codec-dtype says otherwise)."""
+    from shared.codec.decoder import load_codec
+    from shared.codec.tiny import TINY_CODEC_CONFIG
+    from shared.models.tiny import NOISE_WARNING
+
+    decoder = load_codec(Path(args.model_dir), args.device, args.codec_dtype)
+    if decoder.config == TINY_CODEC_CONFIG:
+        print(f"warning: tiny codec: {NOISE_WARNING}", file=sys.stderr)
+    return decoder
+
+
+def _decode_to_file(
+    args: argparse.Namespace, decoder: HeartCodecDecoder, codes: np.ndarray, out: Path
+) -> None:
+    """Decode with a progress bar (shared by `decode` and `generate`)."""
+    from tqdm import tqdm
+
+    from shared.codec.export import decode_to_file
+
+    with tqdm(total=100, unit="%", desc="decode", file=sys.stderr) as bar:
+
+        def progress(fraction: float) -> None:
+            bar.update(round(fraction * 100) - bar.n)
+
+        decode_to_file(
+            decoder,
+            codes,
+            out,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            loop_padding=not args.no_loop_padding,
+            on_progress=progress,
+        )
+
+
+def _is_tokens(path: str) -> bool:
+    return Path(path).suffix.lower() == TOKENS_SUFFIX
+
+
+def _cmd_decode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from shared.audio import format_for_path
+    from shared.models.checkpoint import CheckpointError
+
+    if not args.model_dir:
+        print("error: --model-dir (or HEARTCLUSTER_MODEL_DIR) is required", file=sys.stderr)
+        return 2
+    try:
+        format_for_path(args.out)
+        codes = np.load(args.tokens)
+        _decode_to_file(args, _load_decoder(args), codes, Path(args.out))
+    except (OSError, ValueError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({codes.shape[-1] / 12.5:.2f} s, 48 kHz stereo)")
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from shared.audio import AudioError, format_for_path
     from shared.generation.engine import GenerationRequest, RequestError
     from shared.generation.local import generate_tokens
+    from shared.models.checkpoint import CheckpointError
 
+    decoder = None
+    try:
+        if args.tokens_out and not _is_tokens(args.tokens_out):
+            raise AudioError(f"--tokens-out must end in {TOKENS_SUFFIX}, got {args.tokens_out}")
+        if not _is_tokens(args.out):
+            format_for_path(args.out)
+            # Load the codec first, so a missing codec fails before minutes of generation.
+            decoder = _load_decoder(args)
+    except (AudioError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     history = np.load(args.history) if args.history else None
     request = GenerationRequest(
         tags=args.tags,
@@ -55,11 +138,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     except RequestError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    np.save(args.out, tokens)
     print(
         f"prompt {result.prompt_length} tokens; {result.tokens.shape[1]} new frames "
-        f"({result.finish_reason}); wrote {args.out} {list(tokens.shape)}"
+        f"({result.finish_reason}); {list(tokens.shape)} tokens"
     )
+    for path in (args.tokens_out, args.out):
+        if path and _is_tokens(path):
+            np.save(path, tokens)
+            print(f"wrote {path}")
+    if decoder is not None:
+        _decode_to_file(args, decoder, tokens, Path(args.out))
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -77,6 +166,38 @@ def _cmd_keys_create(args: argparse.Namespace) -> int:
         return 2
     print(f"API key for tenant {args.tenant!r} (shown once; keep it secret):")
     print(key)
+    return 0
+
+
+def _add_decode_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=10, help="codec flow-matching steps")
+    parser.add_argument("--guidance", type=float, default=1.25, help="codec guidance scale")
+    parser.add_argument(
+        "--codec-dtype", default=None, help="codec dtype: fp32 (default), bf16 or fp16"
+    )
+    parser.add_argument(
+        "--no-loop-padding",
+        action="store_true",
+        help="decode only the real codes (cheaper for clips under 29.76 s; the reference "
+        "loops short inputs up to whole windows)",
+    )
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from shared.codec.local import encode_file
+
+    if not args.model_dir:
+        print("error: pass --model-dir or set HEARTCLUSTER_MODEL_DIR", file=sys.stderr)
+        return 2
+    try:
+        tokens = encode_file(Path(args.model_dir), Path(args.audio), args.device, args.dtype)
+    except ValueError as error:  # unreadable audio, or a missing/mismatched CheckpointError
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    np.save(args.out, tokens)
+    print(f"wrote {args.out} {list(tokens.shape)} ({tokens.shape[1] / 12.5:.2f} s of tokens)")
     return 0
 
 
@@ -110,7 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--history", help="tokens.npy [8, T] to continue from")
     gen.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     gen.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: per device)")
-    gen.add_argument("--out", required=True, help="tokens.npy to write")
+    gen.add_argument(
+        "--out", required=True, help="tokens (.npy) or audio (.flac, .wav, .mp3) to write"
+    )
+    gen.add_argument("--tokens-out", help="also write the tokens (.npy) when --out is audio")
+    _add_decode_options(gen)
     gen.set_defaults(handler=_cmd_generate)
 
     keys = commands.add_parser("keys", help="API keys (stored hashed in Redis)")
@@ -120,6 +245,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create_key.add_argument("--tenant", required=True, help="lowercase letters, digits, - and _")
     create_key.set_defaults(handler=_cmd_keys_create)
+
+    dec = commands.add_parser("decode", help="decode tokens.npy [8, T] to audio in this process")
+    dec.add_argument("tokens", help="tokens.npy, int array [8, T]")
+    dec.add_argument("--out", required=True, help="audio file: .flac, .wav or .mp3")
+    dec.add_argument(
+        "--model-dir",
+        default=os.environ.get("HEARTCLUSTER_MODEL_DIR"),
+        help="folder holding HeartCodec-oss/ (default: $HEARTCLUSTER_MODEL_DIR)",
+    )
+    dec.add_argument("--seed", type=int, default=0, help="decoding noise seed")
+    dec.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    _add_decode_options(dec)
+    dec.set_defaults(handler=_cmd_decode)
+
+    enc = commands.add_parser("encode", help="audio file → tokens.npy [8, T] in this process")
+    enc.add_argument("audio", help="WAV, FLAC, OGG or MP3 file")
+    enc.add_argument("--out", required=True, help="tokens.npy to write")
+    enc.add_argument(
+        "--model-dir",
+        default=os.environ.get("HEARTCLUSTER_MODEL_DIR"),
+        help="holds HeartCodec-oss-encoder/ and HeartCodec-oss/ (default: $HEARTCLUSTER_MODEL_DIR)",
+    )
+    enc.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    enc.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: fp32)")
+    enc.set_defaults(handler=_cmd_encode)
 
     add_cluster_commands(commands)
     return parser

@@ -123,6 +123,11 @@ def encode_audio(audio: np.ndarray, fmt: str = DEFAULT_FORMAT, rate: int = SAMPL
     """[channels, samples] float audio → the bytes of a FLAC (default), WAV or MP3 file."""
     frames = _check_writable(audio, fmt)
     container, subtype = FORMATS[fmt]
+    if subtype not in sf.available_subtypes(container):
+        raise AudioError(
+            f"this libsndfile ({sf.__libsndfile_version__}) cannot write {fmt}; "
+            "MP3 needs libsndfile >= 1.1 built with LAME and mpg123"
+        )
     buffer = io.BytesIO()
     sf.write(buffer, frames, rate, format=container, subtype=subtype)
     return buffer.getvalue()

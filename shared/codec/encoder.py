@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from shared.codec.decoder import CODEC_FOLDER
 from shared.codec.features import (
     DEFAULT_FEATURES_CONFIG,
     SAMPLE_RATE,
@@ -42,7 +43,6 @@ from shared.models.checkpoint import (
 )
 
 ENCODER_FOLDER = "HeartCodec-oss-encoder"
-CODEC_FOLDER = "HeartCodec-oss"
 CONFIG_NAME = "encoder_config.json"
 WEIGHTS_NAME = "encoder.safetensors"
 ENCODER_PREFIX = "encoder."
@@ -168,28 +168,31 @@ class HeartCodecEncoder:
         audio: np.ndarray | Tensor,
         sample_rate: int,
         *,
+        batch_size: int | None = None,
         on_progress: ProgressCallback | None = None,
         should_abort: Callable[[], bool] | None = None,
     ) -> np.ndarray:
         """Audio [channels, samples] or [samples] (1 or 2 channels) → int32 tokens [8, frames].
 
-        `on_progress(done_chunks, total_chunks)` is called after each batch of chunks;
+        `batch_size` chunks (default: the encoder's) run through the network at once;
+        `on_progress(done_chunks, total_chunks)` is called after each batch;
         `should_abort()` is checked before each batch and raises EncodingAborted.
         """
+        batch_size = batch_size or self.batch_size
         stereo = _stereo_24k(audio, sample_rate)
         frames = token_frames(stereo.shape[-1])
         chunks = math.ceil(frames / FRAMES_PER_CHUNK)
         stereo = F.pad(stereo, (0, chunks * CHUNK_SAMPLES - stereo.shape[-1]))
         stereo = stereo.reshape(2, chunks, CHUNK_SAMPLES).transpose(0, 1)  # [chunks, 2, S]
         codes = []
-        for start in range(0, chunks, self.batch_size):
+        for start in range(0, chunks, batch_size):
             if should_abort is not None and should_abort():
                 raise EncodingAborted(f"encoding aborted after {start} of {chunks} chunks")
-            batch = F.pad(stereo[start : start + self.batch_size], (0, TAIL_SAMPLES))
+            batch = F.pad(stereo[start : start + batch_size], (0, TAIL_SAMPLES))
             latents = self.network(batch.to(self.device))
             codes.append(self.quantizer.quantize(latents.float()).cpu())  # [B, Q, 372]
             if on_progress is not None:
-                on_progress(min(start + self.batch_size, chunks), chunks)
+                on_progress(min(start + batch_size, chunks), chunks)
         tokens = torch.cat(codes, dim=0).permute(1, 0, 2).flatten(1)[:, :frames]
         return tokens.numpy().astype(np.int32)
 

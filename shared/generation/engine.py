@@ -65,6 +65,7 @@ class GenerationRequest:
     cfg_scale: float = 1.5
     seed: int = 0
     history: np.ndarray | None = None  # [8, T] codes to continue from
+    stop_at_eos: bool = True  # False: audio EOS is never sampled, every frame is filled
 
     @property
     def frames(self) -> int:
@@ -166,7 +167,7 @@ class GenerationEngine:
         self.context = model.backbone.cache_len
         config = model.config
         invalid = [CODEC_CODES, *range(AUDIO_EOS_ID + 1, config.audio_vocab_size)]
-        self.sampler = TokenSampler(config.audio_vocab_size, invalid, model.device)
+        self.sampler = TokenSampler(config.audio_vocab_size, invalid, AUDIO_EOS_ID, model.device)
         self.hidden = torch.zeros(
             max_rows, config.backbone.embed_dim, dtype=model.dtype, device=model.device
         )
@@ -361,7 +362,7 @@ class GenerationEngine:
 
     def _row_sampling(self, n: int) -> RowSampling:
         owner = np.zeros(n, dtype=np.int64)
-        cond, uncond, ints, floats = [], [], [], []
+        cond, uncond, ints, floats, eos = [], [], [], [], []
         for i, run in enumerate(self._running):
             req = run.job.request
             cond.append(run.first_row)
@@ -369,6 +370,7 @@ class GenerationEngine:
             owner[run.rows] = i
             ints.append((req.top_k, req.seed, len(run.job.frames)))
             floats.append((req.cfg_scale, req.temperature))
+            eos.append(req.stop_at_eos)
         device = self.model.device
         ints_t = torch.tensor(ints, dtype=torch.int64).to(device)
         floats_t = torch.tensor(floats, dtype=torch.float32).to(device)
@@ -381,6 +383,7 @@ class GenerationEngine:
             top_k=ints_t[:, 0],
             seed=ints_t[:, 1],
             frame=ints_t[:, 2],
+            eos_allowed=torch.tensor(eos).to(device),
             max_top_k=max(i[0] for i in ints),
         )
 

@@ -54,14 +54,18 @@ class RowSampling:
     top_k: torch.Tensor  # [p] int64
     seed: torch.Tensor  # [p] int64, non-negative
     frame: torch.Tensor  # [p] int64, the request's own frame counter
+    eos_allowed: torch.Tensor  # [p] bool; False for requests that must fill every frame
     max_top_k: int
 
 
 class TokenSampler:
     """Draws one token per request from guided, temperature-scaled, top-k filtered logits."""
 
-    def __init__(self, vocab_size: int, invalid_ids: list[int], device: torch.device) -> None:
+    def __init__(
+        self, vocab_size: int, invalid_ids: list[int], eos_id: int, device: torch.device
+    ) -> None:
         self.vocab_size = vocab_size
+        self.eos_id = eos_id
         self.invalid = torch.zeros(vocab_size, device=device)
         self.invalid[invalid_ids] = float("-inf")
         self.token_hash = hash32(torch.arange(vocab_size, device=device, dtype=torch.int64))
@@ -75,6 +79,7 @@ class TokenSampler:
         cond, uncond = logits[rows.cond], logits[rows.uncond]
         guided = uncond + (cond - uncond) * rows.cfg_scale.unsqueeze(1)
         guided = (guided + self.invalid) / rows.temperature.unsqueeze(1)
+        guided[:, self.eos_id].masked_fill_(~rows.eos_allowed, float("-inf"))
         k = min(rows.max_top_k, self.vocab_size)
         values, ids = guided.topk(k, dim=-1)
         rank = torch.arange(k, device=logits.device)

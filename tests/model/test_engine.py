@@ -112,6 +112,14 @@ def test_eos_ends_only_its_own_row(engine: GenerationEngine) -> None:
     assert np.array_equal(continued.tokens, expected_other)
 
 
+def test_requests_that_must_fill_every_frame_never_sample_eos(engine: GenerationEngine) -> None:
+    request = replace(BASE, cfg_scale=1.0, stop_at_eos=False)
+    with _forced_logit(engine, AUDIO_EOS_ID, rows=[0], after_calls=3):
+        result = engine.generate([request])[0]
+    assert result.finish_reason == "length" and result.tokens.shape == (8, 15)
+    assert np.array_equal(result.tokens[:, :3], _alone(engine, request)[:, :3])
+
+
 def test_invalid_codec_ids_are_never_sampled(engine: GenerationEngine) -> None:
     with _forced_logit(engine, CODEC_CODES, rows=[0, 1], after_calls=0):
         result = engine.generate([BASE])[0]
