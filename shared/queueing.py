@@ -7,7 +7,7 @@ the queue for the job's type. Job state lives in the job store, not in Celery re
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from shared.config import Settings
 from shared.jobs import Job
@@ -46,7 +46,8 @@ def make_celery(settings: Settings, main: str = "heartcluster") -> Celery:
         task_serializer="json",
         accept_content=["json"],
         result_serializer="json",
-        task_queues=[Queue(name) for name in QUEUES],
+        # each queue on its own direct exchange, routed by its own name
+        task_queues=[Queue(name, Exchange(name), routing_key=name) for name in QUEUES],
         task_default_queue="gpu",
         # a message is acknowledged only when its task ends; a worker that dies mid-task puts
         # it back instead of losing it (the attempt cap in the worker stops poison jobs)

@@ -44,6 +44,8 @@ def test_reliability_settings(settings: Settings) -> None:
         settings
     )
     assert conf.broker_url == settings.redis_url
+    routes = {(q.name, q.exchange.name, q.routing_key) for q in conf.task_queues}
+    assert routes == {("gpu", "gpu", "gpu"), ("cpu", "cpu", "cpu"), ("train", "train", "train")}
 
 
 def test_enqueue_routes_by_type_with_the_job_id(settings: Settings, redis_client) -> None:
