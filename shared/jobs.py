@@ -40,6 +40,10 @@ def idempotency_key(tenant: str, key: str) -> str:
     return f"idem:{tenant}:{key}"
 
 
+def dependents_key(job_id: str) -> str:
+    return f"job-dependents:{job_id}"
+
+
 def upload_record_key(upload_id: str) -> str:
     return f"upload:{upload_id}"
 
@@ -347,10 +351,27 @@ class JobStore:
         """Cancel on a user's request: a queued job is cancelled at once, a running one is
         flagged for its worker to stop, a terminal one is left alone. None if missing."""
         job, applied = self._apply(job_id, ("queued",), _cancelled_values())
+        if applied:
+            for dependent in self.take_dependents(job_id):
+                self.cancel(dependent)
         if job is None or applied:
             return job
         flagged, _ = self._apply(job_id, ("running",), {"cancel_requested": True}, event="progress")
         return flagged
+
+    # -- dependencies (a job that waits for another, e.g. extend after encoding an upload) ----
+
+    def add_dependent(self, job_id: str, dependent_id: str) -> None:
+        """Record that `dependent_id` is enqueued only once `job_id` has succeeded."""
+        self._redis.sadd(dependents_key(job_id), dependent_id)
+
+    def take_dependents(self, job_id: str) -> list[str]:
+        """The jobs waiting on `job_id`, removed in one step so only one caller releases them."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.smembers(dependents_key(job_id))
+        pipe.delete(dependents_key(job_id))
+        members, _ = pipe.execute()
+        return sorted(_text(m) for m in members)
 
     def cancel_requested(self, job_id: str) -> bool:
         """One HGET: cheap enough for the engine to ask every frame."""

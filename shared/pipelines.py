@@ -9,17 +9,24 @@ from __future__ import annotations
 import io
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
 
 from shared.codec.decoder import DecodeAborted, HeartCodecDecoder
 from shared.codec.encoder import EncodingAborted, HeartCodecEncoder
-from shared.generation.engine import GenerationEngine, GenerationRequest
+from shared.generation.engine import GenerationEngine, GenerationRequest, GenerationResult
+from shared.inpaint import (
+    FRAME_S,
+    SAMPLES_PER_FRAME,
+    Gap,
+    decode_window,
+    splice_audio,
+    splice_tokens,
+)
 from shared.models.heartmula import CODEC_CODES
 
-SAMPLES_PER_FRAME = 3840  # 80 ms at 48 kHz
 NUM_CODEBOOKS = 8
 # Share of a generate job's progress spent generating tokens; decoding takes the rest.
 GENERATE_SHARE = 0.8
@@ -103,6 +110,53 @@ def decode_tokens(
     return audio
 
 
+def _generate_tokens(
+    engine: GenerationEngine,
+    request: GenerationRequest,
+    progress: Progress,
+    should_abort: AbortCheck,
+) -> GenerationResult:
+    """New frames from the batched engine; progress covers the generating share."""
+    total = request.frames
+    progress("generating", 0.0, 0, total)
+
+    def on_frames(done: int, requested: int) -> None:
+        progress("generating", GENERATE_SHARE * done / requested, done, requested)
+
+    result = engine.submit(request, on_progress=on_frames, should_abort=should_abort).result()
+    if result.finish_reason == "aborted":
+        raise PipelineAborted
+    if result.tokens.shape[1] == 0:
+        raise RuntimeError("the model ended the song before its first frame (audio EOS)")
+    return result
+
+
+def _decode_share(
+    codec: HeartCodecDecoder,
+    codec_lock: threading.Lock,
+    tokens: np.ndarray,
+    seed: int,
+    frames: int,
+    progress: Progress,
+    should_abort: AbortCheck,
+) -> np.ndarray:
+    """Decode with progress covering the share after generating."""
+    progress("decoding", GENERATE_SHARE, frames, frames)
+
+    def on_fraction(fraction: float) -> None:
+        progress("decoding", GENERATE_SHARE + (1 - GENERATE_SHARE) * fraction, frames, frames)
+
+    return decode_tokens(
+        codec,
+        tokens,
+        seed=seed,
+        steps=DECODE_STEPS,
+        lock=codec_lock,
+        on_fraction=on_fraction,
+        should_abort=should_abort,
+    )
+
+
 def generate_song(
     engine: GenerationEngine,
     codec: HeartCodecDecoder,
@@ -113,36 +167,48 @@ def generate_song(
 ) -> Song:
     """Tags + lyrics → tokens (batched engine) → audio (codec), with progress and abort.
 
+    With `request.history` (an extension) the song is history + new frames, decoded whole.
     Raises RequestError (from the engine) for requests the model cannot take.
     """
-    total = request.frames
-    progress("generating", 0.0, 0, total)
+    result = _generate_tokens(engine, request, progress, should_abort)
+    tokens = result.tokens
+    if request.history is not None:
+        tokens = np.concatenate([request.history.astype(np.int32), tokens], axis=1)
+    frames = tokens.shape[1]
+    audio = _decode_share(codec, codec_lock, tokens, request.seed, frames, progress, should_abort)
+    return Song(tokens, audio, result.finish_reason, request.seed)
 
-    def on_frames(done: int, requested: int) -> None:
-        progress("generating", GENERATE_SHARE * done / requested, done, requested)
 
-    handle = engine.submit(request, on_progress=on_frames, should_abort=should_abort)
-    result = handle.result()
-    if result.finish_reason == "aborted":
-        raise PipelineAborted
-    frames = result.tokens.shape[1]
-    if frames == 0:
-        raise RuntimeError("the model ended the song before its first frame (audio EOS)")
-    progress("decoding", GENERATE_SHARE, frames, frames)
-
-    def on_fraction(fraction: float) -> None:
-        progress("decoding", GENERATE_SHARE + (1 - GENERATE_SHARE) * fraction, frames, frames)
-
-    audio = decode_tokens(
-        codec,
-        result.tokens,
-        seed=request.seed,
-        steps=DECODE_STEPS,
-        lock=codec_lock,
-        on_fraction=on_fraction,
-        should_abort=should_abort,
+def inpaint_song(
+    engine: GenerationEngine,
+    codec: HeartCodecDecoder,
+    codec_lock: threading.Lock,
+    parent_tokens: np.ndarray,
+    parent_audio: np.ndarray,
+    gap: Gap,
+    request: GenerationRequest,
+    progress: Progress,
+    should_abort: AbortCheck,
+) -> Song:
+    """LM-guided repair of `gap`: exactly its frames are generated from the left context,
+    spliced into the parent's tokens, a window with 8 s of context each side is decoded and
+    crossfaded into the parent's audio; everything outside the gap is the parent's."""
+    song_frames = parent_tokens.shape[1]
+    if parent_audio.shape != (2, song_frames * SAMPLES_PER_FRAME):
+        raise PipelineInputError(
+            "source_job_id",
+            f"the parent's audio has shape {list(parent_audio.shape)}, not "
+            f"[2, {song_frames * SAMPLES_PER_FRAME}] for its {song_frames} frames",
+        )
+    history = parent_tokens[:, : gap.start] if gap.start else None
+    fill = replace(request, history=history, duration_s=gap.frames * FRAME_S, stop_at_eos=False)
+    new = _generate_tokens(engine, fill, progress, should_abort).tokens
+    tokens = splice_tokens(parent_tokens, gap, new)
+    lo, hi = decode_window(gap, song_frames)
+    window = _decode_share(
+        codec, codec_lock, tokens[:, lo:hi], request.seed, hi - lo, progress, should_abort
     )
-    return Song(result.tokens, audio, result.finish_reason, request.seed)
+    return Song(tokens, splice_audio(parent_audio, window, lo, gap), "length", request.seed)
 
 
 def tokenize_audio(

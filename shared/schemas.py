@@ -8,7 +8,7 @@ context) are re-checked by the worker. No torch: the gateway imports this.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -23,6 +23,7 @@ from shared.config import Settings
 from shared.jobs import Job, Upload
 
 AudioFormat = Literal["flac", "wav", "mp3"]
+AUDIO_ARTIFACTS = tuple(f"audio.{fmt}" for fmt in get_args(AudioFormat))  # a song's audio file
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]  # jobs.STATES
 SEED_MAX = 2**32 - 1
 AUDIO_VOCAB = 8197  # HeartMuLa's per-codebook vocabulary (top_k cannot exceed it)
@@ -62,7 +63,9 @@ class GenerateParams(_Params):
 
     @field_validator("tags")
     @classmethod
-    def _tags(cls, value: str, info: ValidationInfo) -> str:
+    def _tags(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:  # extend/inpaint: the parent job's tags
+            return None
         tags = [tag.strip() for tag in value.split(",") if tag.strip()]
         if not tags:
             raise ValueError("give at least one tag")
@@ -73,7 +76,9 @@ class GenerateParams(_Params):
 
     @field_validator("lyrics")
     @classmethod
-    def _lyrics(cls, value: str, info: ValidationInfo) -> str:
+    def _lyrics(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:  # extend/inpaint: the parent job's lyrics
+            return None
         limit = _limits(info).max_lyrics_chars
         if len(value) > limit:
             raise ValueError(f"lyrics are {len(value)} characters; at most {limit} allowed")
@@ -88,6 +93,13 @@ class GenerateParams(_Params):
         return value
 
 
+def _second_source(value: str | None, info: ValidationInfo, first: str) -> str | None:
+    """Validator of the second of two alternative sources: exactly one must be given."""
+    if (value is None) == (info.data.get(first) is None):
+        raise ValueError(f"give exactly one of {first} or {info.field_name}")
+    return value
+
+
 class DecodeParams(_Params):
     """Tokens → audio, from a finished job's tokens.npy or an uploaded .npy ([8, T] codes)."""
 
@@ -99,10 +111,8 @@ class DecodeParams(_Params):
 
     @field_validator("tokens_upload_id")
     @classmethod
-    def _exactly_one_source(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if (value is None) == (info.data.get("source_job_id") is None):
-            raise ValueError("give exactly one of source_job_id or tokens_upload_id")
-        return value
+    def _one_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _second_source(value, info, "source_job_id")
 
 
 class EncodeParams(_Params):
@@ -111,12 +121,67 @@ class EncodeParams(_Params):
     upload_id: str = Field(min_length=1)
 
 
+class ExtendParams(GenerateParams):
+    """Continue a song: a finished job's tokens, or an audio upload (encoded first on the cpu
+    queue, as a separate encode job this job waits for). Tags and lyrics default to the
+    parent job's; `duration_s` is the added length."""
+
+    tags: str | None = Field(None, min_length=1, description="Default: the parent job's tags.")
+    lyrics: str | None = Field(None, description="Default: the parent job's lyrics.")
+    source_job_id: str | None = Field(None, min_length=1)
+    upload_id: str | None = Field(None, min_length=1, validate_default=True)
+
+    @field_validator("upload_id")
+    @classmethod
+    def _one_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _second_source(value, info, "source_job_id")
+
+
+class InpaintParams(_Params):
+    """Regenerate [start_s, end_s) of a finished song; everything else stays as it was."""
+
+    source_job_id: str = Field(min_length=1)
+    start_s: float = Field(ge=0)
+    end_s: float = Field(gt=0)
+    tags: str | None = Field(None, min_length=1, description="Default: the parent job's tags.")
+    lyrics: str | None = Field(None, description="Default: the parent job's lyrics.")
+    temperature: float = Field(0.2, gt=0, le=2)
+    top_k: int = Field(30, ge=1, le=AUDIO_VOCAB)
+    cfg_scale: float = Field(1.0, ge=1.0, le=10.0)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    format: AudioFormat = "flac"
+
+    @field_validator("end_s")
+    @classmethod
+    def _after_start(cls, value: float, info: ValidationInfo) -> float:
+        start = info.data.get("start_s")
+        if start is not None and value <= start:
+            raise ValueError("end_s must be greater than start_s")
+        return value
+
+
+class TranscribeParams(_Params):
+    """Lyrics from audio: an audio upload or a finished job's audio."""
+
+    source_job_id: str | None = Field(None, min_length=1)
+    upload_id: str | None = Field(None, min_length=1, validate_default=True)
+    language: str | None = Field(None, min_length=2, max_length=8, examples=["en"])
+
+    @field_validator("upload_id")
+    @classmethod
+    def _one_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _second_source(value, info, "source_job_id")
+
+
 PARAMS_FOR_TYPE: dict[str, type[_Params]] = {
     "generate": GenerateParams,
     "decode": DecodeParams,
     "encode": EncodeParams,
+    "extend": ExtendParams,
+    "inpaint": InpaintParams,
+    "transcribe": TranscribeParams,
 }
-JobType = Literal["generate", "decode", "encode"]
+JobType = Literal["generate", "decode", "encode", "extend", "inpaint", "transcribe"]
 
 
 class SubmitRequest(BaseModel):
@@ -125,7 +190,7 @@ class SubmitRequest(BaseModel):
     type: JobType
     params: dict[str, Any] = Field(
         default_factory=dict,
-        description="GenerateParams, DecodeParams or EncodeParams, according to `type`.",
+        description="The params schema of `type` (GenerateParams, ExtendParams, ...).",
     )
     idempotency_key: str | None = Field(
         None,

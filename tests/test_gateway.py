@@ -286,9 +286,9 @@ BAD_SUBMITS = [
     (generate_body(lyrics="la " * 40), 422, "params.lyrics"),
     (generate_body(bogus=1), 422, "params.bogus"),
     ({"type": "decode", "params": {}}, 422, "params.tokens_upload_id"),
-    ({"type": "decode", "params": {"source_job_id": "nope"}}, 422, "params.source_job_id"),
-    ({"type": "decode", "params": {"tokens_upload_id": "nope"}}, 422, "params.tokens_upload_id"),
-    ({"type": "encode", "params": {"upload_id": "nope"}}, 422, "params.upload_id"),
+    ({"type": "decode", "params": {"source_job_id": "nope"}}, 404, "params.source_job_id"),
+    ({"type": "decode", "params": {"tokens_upload_id": "nope"}}, 404, "params.tokens_upload_id"),
+    ({"type": "encode", "params": {"upload_id": "nope"}}, 404, "params.upload_id"),
     ([1, 2], 400, None),
 ]
 
@@ -330,7 +330,7 @@ def test_decode_of_a_finished_job_names_its_parent(client, keys, jobs, store, ce
     assert decode.get_json()["parent_job_id"] == job_id
     assert celery.sent[-1]["queue"] == "gpu"
     other = submit(client, keys["other"], body)
-    assert other.status_code == 422 and other.get_json()["error"]["field"] == (
+    assert other.status_code == 404 and other.get_json()["error"]["field"] == (
         "params.source_job_id"
     )
 
@@ -349,7 +349,7 @@ def test_real_celery_enqueues_only_valid_jobs(
     app = create_app(settings, redis_client=redis_client, store=store)  # real Celery app
     client = app.test_client()
     for body, _, _ in BAD_SUBMITS:
-        assert submit(client, keys["acme"], body).status_code in (400, 422)
+        assert submit(client, keys["acme"], body).status_code in (400, 404, 422)
     assert submit(client, {}).status_code == 401
     assert all(redis_client.llen(queue) == 0 for queue in QUEUES)
     job_id = submit(client, keys["acme"]).get_json()["id"]
@@ -409,7 +409,7 @@ def test_audio_upload_is_stored_and_usable(client, keys, store, celery, redis_cl
     encode = submit(client, keys["acme"], {"type": "encode", "params": {"upload_id": info["id"]}})
     assert encode.status_code == 202 and celery.sent[-1]["queue"] == "cpu"
     other = submit(client, keys["other"], {"type": "encode", "params": {"upload_id": info["id"]}})
-    assert other.status_code == 422 and other.get_json()["error"]["field"] == "params.upload_id"
+    assert other.status_code == 404 and other.get_json()["error"]["field"] == "params.upload_id"
     as_tokens = submit(
         client, keys["acme"], {"type": "decode", "params": {"tokens_upload_id": info["id"]}}
     )

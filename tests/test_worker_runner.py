@@ -20,6 +20,7 @@ from workers.models import WorkerModels
 from workers.runner import JobRunner, job_seed
 
 SHORT = {"tags": "piano,happy", "duration_s": 1.0, "cfg_scale": 1.0}
+ENQUEUED: list[Job] = []  # jobs the runner released (dependents of finished jobs)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,12 @@ def runner(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     client.flushdb()
     models = WorkerModels(settings)
     runner = JobRunner(
-        settings, JobStore(client), LocalStore(root / "artifacts"), models, UploadStore(client)
+        settings,
+        JobStore(client),
+        LocalStore(root / "artifacts"),
+        models,
+        UploadStore(client),
+        enqueue=ENQUEUED.append,
     )
     yield runner
     models.close()
@@ -129,3 +135,155 @@ def test_encode_tokenizes_an_uploaded_song(runner: JobRunner, tmp_path: Path) ->
         io.BytesIO(runner.objects.get_bytes(artifact_key("acme", job.id, "tokens.npy")))
     )
     assert tokens.shape == (8, 13)  # int(1.0 s * 12.5) + 1 frames
+
+
+def _artifact(runner: JobRunner, job: Job, name: str) -> bytes:
+    return runner.objects.get_bytes(artifact_key(job.tenant, job.id, name))
+
+
+def _tokens(runner: JobRunner, job: Job) -> np.ndarray:
+    return np.load(io.BytesIO(_artifact(runner, job, "tokens.npy")))
+
+
+def _finished(runner: JobRunner, job_type: str, params: dict, **fields) -> Job:
+    job = _new(runner, job_type, params, **fields)
+    runner.run(job.id)
+    final = runner.jobs.get(job.id)
+    assert final.state == "succeeded", final.error
+    return final
+
+
+@pytest.fixture(scope="module")
+def parent(runner: JobRunner) -> Job:
+    """A 12-frame song (seed 7 runs all frames on the tiny model without audio EOS)."""
+    return _finished(runner, "generate", {**SHORT, "seed": 7})
+
+
+def test_extend_keeps_the_parent_and_continues_from_its_last_prediction(
+    runner: JobRunner, parent: Job
+) -> None:
+    from shared.generation.engine import GenerationRequest
+
+    params = {
+        "source_job_id": parent.id,
+        "tags": "piano,happy",
+        "lyrics": "",
+        "seed": 3,
+        "duration_s": 0.48,
+        "cfg_scale": 1.0,
+    }
+    first = _finished(runner, "extend", params)
+    tokens, parent_tokens = _tokens(runner, first), _tokens(runner, parent)
+    assert tokens.shape == (8, 18) and np.array_equal(tokens[:, :12], parent_tokens)
+    request = GenerationRequest(
+        "piano,happy", "", 0.48, cfg_scale=1.0, seed=3, history=parent_tokens
+    )
+    expected = runner.models.engine().submit(request).result().tokens
+    assert np.array_equal(tokens[:, 12:], expected)
+    metadata = json.loads(_artifact(runner, first, "metadata.json"))
+    assert metadata["parent_job_id"] == parent.id and metadata["parent_frames"] == 12
+
+    second = _finished(runner, "extend", {**params, "source_job_id": first.id, "seed": 4})
+    chained = _tokens(runner, second)
+    assert chained.shape == (8, 24) and np.array_equal(chained[:, :18], tokens)
+
+
+def test_extend_past_the_context_fails_before_generating(runner: JobRunner, parent: Job) -> None:
+    params = {
+        "source_job_id": parent.id,
+        "tags": "piano",
+        "lyrics": "la la la " * 600,
+        "duration_s": 590.0,
+    }
+    job = _new(runner, "extend", params)
+    runner.run(job.id)
+    final = runner.jobs.get(job.id)
+    assert final.state == "failed" and final.error["message"].startswith("duration_s:")
+    assert "history (12 frames)" in final.error["message"]
+
+
+def test_inpaint_changes_only_the_gap(runner: JobRunner, parent: Job) -> None:
+    from shared.audio import read_audio
+    from shared.inpaint import CROSSFADE_SAMPLES, SAMPLES_PER_FRAME
+
+    params = {
+        "source_job_id": parent.id,
+        "start_s": 0.24,
+        "end_s": 0.72,
+        "tags": "piano",
+        "lyrics": "",
+        "seed": 5,
+    }
+    job = _finished(runner, "inpaint", params)
+    tokens, before = _tokens(runner, job), _tokens(runner, parent)
+    assert tokens.shape == before.shape
+    assert np.array_equal(tokens[:, :3], before[:, :3])
+    assert np.array_equal(tokens[:, 9:], before[:, 9:])
+    assert not np.array_equal(tokens[:, 3:9], before[:, 3:9])
+
+    audio, _ = read_audio(_artifact(runner, job, "audio.flac"))
+    original, _ = read_audio(_artifact(runner, parent, "audio.flac"))
+    half = CROSSFADE_SAMPLES // 2
+    lo, hi = 3 * SAMPLES_PER_FRAME - half, 9 * SAMPLES_PER_FRAME + half
+    assert audio.shape == original.shape
+    assert np.array_equal(audio[:, :lo], original[:, :lo])
+    assert np.array_equal(audio[:, hi:], original[:, hi:])
+    assert not np.allclose(audio[:, lo:hi], original[:, lo:hi])
+
+
+def test_inpaint_range_outside_the_song_fails_naming_the_field(
+    runner: JobRunner, parent: Job
+) -> None:
+    job = _new(
+        runner,
+        "inpaint",
+        {"source_job_id": parent.id, "start_s": 0.5, "end_s": 3.0, "tags": "piano", "lyrics": ""},
+    )
+    runner.run(job.id)
+    final = runner.jobs.get(job.id)
+    assert final.state == "failed" and final.error["message"].startswith("end_s:")
+
+
+def test_extend_of_an_upload_waits_for_its_encode_step(runner: JobRunner) -> None:
+    from shared.audio import encode_audio
+    from shared.jobs import Upload
+
+    rng = np.random.default_rng(1)
+    audio = encode_audio(rng.uniform(-0.1, 0.1, (2, 48_000)).astype(np.float32), "wav")
+    key = "tenants/acme/uploads/u2/take.wav"
+    runner.objects.put_bytes(key, audio)
+    runner.uploads.create(
+        Upload("u2", "acme", key, "take.wav", "audio", len(audio), 1.0, 48_000, 2)
+    )
+    encode = _new(runner, "encode", {"upload_id": "u2"})
+    params = {
+        "upload_id": "u2",
+        "tags": "rock",
+        "lyrics": "",
+        "duration_s": 0.4,
+        "seed": 3,
+        "cfg_scale": 1.0,
+    }
+    extend = _new(runner, "extend", params, parent_job_id=encode.id)
+    runner.jobs.add_dependent(encode.id, extend.id)
+    ENQUEUED.clear()
+    runner.run(encode.id)
+    assert [j.id for j in ENQUEUED] == [extend.id]
+    runner.run(extend.id)
+    final = runner.jobs.get(extend.id)
+    assert final.state == "succeeded", final.error
+    encoded = _tokens(runner, runner.jobs.get(encode.id))
+    assert np.array_equal(_tokens(runner, final)[:, :13], encoded)
+
+
+def test_a_failed_step_fails_the_job_waiting_for_it(runner: JobRunner) -> None:
+    encode = _new(runner, "encode", {"upload_id": "missing"})
+    extend = _new(
+        runner, "extend", {"upload_id": "missing", "tags": "rock"}, parent_job_id=encode.id
+    )
+    runner.jobs.add_dependent(encode.id, extend.id)
+    ENQUEUED.clear()
+    runner.run(encode.id)
+    final = runner.jobs.get(extend.id)
+    assert ENQUEUED == [] and final.state == "failed"
+    assert final.error["code"] == "dependency_failed" and encode.id in final.error["message"]

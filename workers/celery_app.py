@@ -17,7 +17,7 @@ from celery import signals
 
 from shared.config import Settings
 from shared.jobs import JobStore, UploadStore
-from shared.queueing import TASK_NAME, make_celery
+from shared.queueing import TASK_NAME, enqueue, make_celery
 from shared.storage import store_from_settings
 from workers.models import WorkerModels
 from workers.runner import JobRunner
@@ -44,6 +44,7 @@ def runner() -> JobRunner:
                 store_from_settings(settings),
                 WorkerModels(settings),
                 UploadStore(client),
+                enqueue=lambda job: enqueue(app, job),
             )
         return _runner
 

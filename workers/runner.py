@@ -20,17 +20,28 @@ import numpy as np
 from shared.audio import SAMPLE_RATE, AudioError, encode_audio, read_audio
 from shared.config import Settings
 from shared.generation.engine import GenerationRequest, RequestError
+from shared.inpaint import GapError, plan_gap
 from shared.jobs import Job, JobStore, Upload, UploadStore
 from shared.pipelines import (
     PipelineAborted,
     PipelineInputError,
+    Progress,
+    Song,
     decode_tokens,
     generate_song,
+    inpaint_song,
     read_tokens,
     tokenize_audio,
     tokens_bytes,
 )
-from shared.schemas import DecodeParams, EncodeParams, GenerateParams
+from shared.schemas import (
+    AUDIO_ARTIFACTS,
+    DecodeParams,
+    EncodeParams,
+    ExtendParams,
+    GenerateParams,
+    InpaintParams,
+)
 from shared.storage import ObjectStore, artifact_key, content_type_for, job_prefix
 from workers.models import WorkerModels
 from workers.progress import ProgressReporter
@@ -51,6 +62,28 @@ class Output:
     metadata: dict[str, object]
 
 
+_SongParams = GenerateParams | ExtendParams | InpaintParams
+
+
+def _request(
+    params: _SongParams, seed: int, history: np.ndarray | None = None
+) -> GenerationRequest:
+    """The engine request of a song job (extend/inpaint carry their parent's tags and lyrics,
+    filled in by the gateway)."""
+    if params.tags is None:
+        raise PipelineInputError("tags", "no tags given and none inherited")
+    return GenerationRequest(
+        tags=params.tags,
+        lyrics=params.lyrics or "",
+        duration_s=getattr(params, "duration_s", 0.0),  # inpaint_song sets it from the gap
+        temperature=params.temperature,
+        top_k=params.top_k,
+        cfg_scale=params.cfg_scale,
+        seed=seed,
+        history=history,
+    )
+
+
 def job_seed(job: Job, requested: int | None) -> int:
     """The requested seed, else one derived from the job id (stable across retries)."""
     return requested if requested is not None else int(job.id[:8], 16)
@@ -64,8 +97,10 @@ class JobRunner:
         objects: ObjectStore,
         models: WorkerModels,
         uploads: UploadStore,
+        enqueue: Callable[[Job], None],
     ) -> None:
         self.settings = settings
+        self.enqueue = enqueue  # sends a job waiting on a finished one
         self.jobs = jobs
         self.objects = objects
         self.models = models
@@ -76,11 +111,39 @@ class JobRunner:
             "generate": self._generate,
             "decode": self._decode,
             "encode": self._encode,
+            "extend": self._extend,
+            "inpaint": self._inpaint,
         }
 
     # ----- lifecycle --------------------------------------------------------------------------
 
     def run(self, job_id: str) -> None:
+        try:
+            self._run(job_id)
+        finally:
+            self._release_dependents(job_id)
+
+    def _release_dependents(self, job_id: str) -> None:
+        """Jobs waiting on this one (an extend after its encode step) go on once it ended:
+        queued when it succeeded, failed naming it otherwise."""
+        job = self.jobs.get(job_id)
+        if job is None or not job.terminal:
+            return
+        for dependent_id in self.jobs.take_dependents(job_id):
+            dependent = self.jobs.get(dependent_id)
+            if dependent is None or dependent.terminal:
+                continue
+            if job.state == "succeeded":
+                self.enqueue(dependent)
+            else:
+                reason = job.error["message"] if job.error else job.state
+                self.jobs.fail(
+                    dependent_id,
+                    "dependency_failed",
+                    f"its {job.type} step {job.id} ended {job.state}: {reason}",
+                )
+
+    def _run(self, job_id: str) -> None:
         job = self.jobs.get(job_id)
         if job is None:
             log.warning("job %s: no record; message dropped", job_id)
@@ -142,7 +205,7 @@ class JobRunner:
             else:
                 self._delete_artifacts(job)
                 self.jobs.mark_cancelled(job.id)
-        except (RequestError, PipelineInputError, AudioError) as error:
+        except (RequestError, PipelineInputError, AudioError, GapError) as error:
             self._end_failed(job, "invalid_params", str(error))
         except Exception as error:  # noqa: BLE001 (any failure ends the job with its reason)
             log.exception("job %s failed", job.id)
@@ -178,32 +241,14 @@ class JobRunner:
 
     # ----- pipelines --------------------------------------------------------------------------
 
-    def _generate(
-        self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]
-    ) -> Output:
-        params = GenerateParams.model_validate(job.params, context=self._context)
-        seed = job_seed(job, params.seed)
-        request = GenerationRequest(
-            tags=params.tags,
-            lyrics=params.lyrics,
-            duration_s=params.duration_s,
-            temperature=params.temperature,
-            top_k=params.top_k,
-            cfg_scale=params.cfg_scale,
-            seed=seed,
-        )
-
+    @staticmethod
+    def _report(progress: ProgressReporter) -> Progress:
         def report(stage: str, fraction: float, done: int | None = None, total: int | None = None):
             progress.update(stage, PIPELINE_SHARE * fraction, done, total)
 
-        song = generate_song(
-            self.models.engine(),
-            self.models.codec(),
-            self.models.codec_lock,
-            request,
-            report,
-            should_abort,
-        )
+        return report
+
+    def _song_output(self, params: _SongParams, seed: int, song: Song, **extra: object) -> Output:
         return Output(
             files={
                 TOKENS: tokens_bytes(song.tokens),
@@ -216,7 +261,72 @@ class JobRunner:
                 "finish_reason": song.finish_reason,
                 "sample_rate": SAMPLE_RATE,
                 "duration_s": song.audio.shape[1] / SAMPLE_RATE,
+                **extra,
             },
+        )
+
+    def _generate(
+        self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]
+    ) -> Output:
+        params = GenerateParams.model_validate(job.params, context=self._context)
+        seed = job_seed(job, params.seed)
+        song = generate_song(
+            self.models.engine(),
+            self.models.codec(),
+            self.models.codec_lock,
+            _request(params, seed),
+            self._report(progress),
+            should_abort,
+        )
+        return self._song_output(params, seed, song)
+
+    def _extend(
+        self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]
+    ) -> Output:
+        """Parent tokens + new frames, decoded whole. An uploaded song was encoded first by
+        the parent encode job this one waited for."""
+        params = ExtendParams.model_validate(job.params, context=self._context)
+        field = "source_job_id" if params.source_job_id else "upload_id"
+        parent_id = params.source_job_id or job.parent_job_id
+        parent = self._job_tokens(job, parent_id, field)
+        seed = job_seed(job, params.seed)
+        song = generate_song(
+            self.models.engine(),
+            self.models.codec(),
+            self.models.codec_lock,
+            _request(params, seed, history=parent),
+            self._report(progress),
+            should_abort,
+        )
+        return self._song_output(
+            params, seed, song, parent_job_id=parent_id, parent_frames=int(parent.shape[1])
+        )
+
+    def _inpaint(
+        self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]
+    ) -> Output:
+        params = InpaintParams.model_validate(job.params, context=self._context)
+        tokens = self._job_tokens(job, params.source_job_id, "source_job_id")
+        audio = self._job_audio(job, params.source_job_id)
+        gap = plan_gap(params.start_s, params.end_s, tokens.shape[1])
+        seed = job_seed(job, params.seed)
+        song = inpaint_song(
+            self.models.engine(),
+            self.models.codec(),
+            self.models.codec_lock,
+            tokens,
+            audio,
+            gap,
+            _request(params, seed),
+            self._report(progress),
+            should_abort,
+        )
+        return self._song_output(
+            params,
+            seed,
+            song,
+            parent_job_id=params.source_job_id,
+            gap_frames=[gap.start, gap.stop],
         )
 
     def _decode(
@@ -249,15 +359,33 @@ class JobRunner:
     def _decode_source(self, job: Job, params: DecodeParams) -> np.ndarray:
         """The tokens a decode job names: another job's tokens.npy or a .npy upload."""
         if params.source_job_id is not None:
-            source = self.jobs.get_for_tenant(job.tenant, params.source_job_id)
-            if source is None or TOKENS not in source.artifacts:
-                raise PipelineInputError(
-                    "source_job_id", f"no job {params.source_job_id} with {TOKENS} for this tenant"
-                )
-            data = self.objects.get_bytes(artifact_key(job.tenant, source.id, TOKENS))
-            return read_tokens(data, "source_job_id")
+            return self._job_tokens(job, params.source_job_id, "source_job_id")
         upload = self._upload(job, params.tokens_upload_id, "tokens_upload_id", "tokens")
         return read_tokens(self.objects.get_bytes(upload.key), "tokens_upload_id")
+
+    def _source_job(
+        self, job: Job, source_id: str | None, field: str, names: tuple[str, ...]
+    ) -> tuple[Job, str]:
+        """A finished job of the same tenant and the first of `names` among its artifacts."""
+        source = None if source_id is None else self.jobs.get_for_tenant(job.tenant, source_id)
+        found = [n for n in names if source is not None and n in source.artifacts]
+        if source is None or not found:
+            wanted = " or ".join(names)
+            raise PipelineInputError(field, f"no job {source_id} with {wanted} for this tenant")
+        return source, found[0]
+
+    def _job_tokens(self, job: Job, source_id: str | None, field: str) -> np.ndarray:
+        source, name = self._source_job(job, source_id, field, (TOKENS,))
+        return read_tokens(self.objects.get_bytes(artifact_key(job.tenant, source.id, name)), field)
+
+    def _job_audio(self, job: Job, source_id: str | None) -> np.ndarray:
+        """A finished job's audio at 48 kHz stereo, [2, samples] float32."""
+        source, name = self._source_job(job, source_id, "source_job_id", AUDIO_ARTIFACTS)
+        data = self.objects.get_bytes(artifact_key(job.tenant, source.id, name))
+        audio, rate = read_audio(data, name="source_job_id")
+        if rate != SAMPLE_RATE or audio.shape[0] != 2:
+            raise PipelineInputError("source_job_id", f"{name} is not {SAMPLE_RATE} Hz stereo")
+        return audio
 
     def _encode(
         self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]

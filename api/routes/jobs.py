@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 from flask import Blueprint, Response, jsonify, redirect, request, send_file, stream_with_context
 from flask.typing import ResponseReturnValue
 
 from api.app import services
 from api.auth import authenticate, current_tenant
 from api.errors import ApiError
+from shared.inpaint import GapError, plan_gap
 from shared.jobs import STATES, Job
 from shared.queueing import enqueue, revoke
 from shared.schemas import (
+    AUDIO_ARTIFACTS,
     PARAMS_FOR_TYPE,
     DecodeParams,
     EncodeParams,
+    ExtendParams,
+    InpaintParams,
     InvalidRequest,
+    TranscribeParams,
     job_out,
     parse_submit,
 )
@@ -46,32 +53,74 @@ def _json_body() -> Any:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {error}") from None
 
 
-def _check_inputs(tenant: str, params: Any) -> str | None:
-    """Referenced jobs and uploads must be this tenant's and usable; returns the parent job."""
-    svc = services()
-    if isinstance(params, DecodeParams) and params.source_job_id is not None:
-        source = svc.jobs.get_for_tenant(tenant, params.source_job_id)
-        if source is None:
-            raise ApiError(422, "invalid_params", "no such job", "params.source_job_id")
-        if source.state != "succeeded" or "tokens.npy" not in source.artifacts:
+def _source_job(tenant: str, job_id: str, field: str, *needs: tuple[str, ...]) -> Job:
+    """A finished job of this tenant (404 if not theirs) holding, for each group in `needs`,
+    one of its artifacts (422 if not)."""
+    source = services().jobs.get_for_tenant(tenant, job_id)
+    if source is None:
+        raise ApiError(404, "not_found", f"no job {job_id}", field)
+    for names in needs:
+        if source.state != "succeeded" or not any(n in source.artifacts for n in names):
             raise ApiError(
                 422,
                 "invalid_params",
-                f"job {source.id} has no tokens.npy (state {source.state})",
-                "params.source_job_id",
+                f"job {source.id} has no {' or '.join(names)} (state {source.state})",
+                field,
             )
-        return source.id
-    if isinstance(params, DecodeParams):
+    return source
+
+
+def _song_frames(source: Job) -> int:
+    """Frames of a finished job's tokens.npy (read from the store: a few kilobytes)."""
+    data = services().store.get_bytes(artifact_key(source.tenant, source.id, "tokens.npy"))
+    return int(np.load(io.BytesIO(data), allow_pickle=False).shape[1])
+
+
+def _inherit_prompt(params: Any, parent: Job | None) -> None:
+    """Extend/inpaint: tags and lyrics default to the parent job's."""
+    inherited = parent.params if parent is not None else {}
+    if params.tags is None:
+        params.tags = inherited.get("tags")
+        if params.tags is None:
+            raise ApiError(
+                422, "invalid_params", "the source has no tags to reuse; give tags", "params.tags"
+            )
+    if params.lyrics is None:
+        params.lyrics = inherited.get("lyrics", "")
+
+
+def _check_inputs(tenant: str, params: Any) -> Job | None:
+    """Referenced jobs and uploads must be this tenant's (else 404) and usable (else 422).
+
+    Returns the parent job the new one builds on, if any; fills inherited params in place.
+    """
+    source_id = getattr(params, "source_job_id", None)
+    parent = None
+    if isinstance(params, DecodeParams | ExtendParams) and source_id is not None:
+        parent = _source_job(tenant, source_id, "params.source_job_id", ("tokens.npy",))
+    elif isinstance(params, InpaintParams):
+        parent = _source_job(
+            tenant, source_id, "params.source_job_id", ("tokens.npy",), AUDIO_ARTIFACTS
+        )
+        try:
+            plan_gap(params.start_s, params.end_s, _song_frames(parent))
+        except GapError as error:
+            raise ApiError(422, "invalid_params", str(error), f"params.{error.field}") from None
+    elif isinstance(params, TranscribeParams) and source_id is not None:
+        parent = _source_job(tenant, source_id, "params.source_job_id", AUDIO_ARTIFACTS)
+    if isinstance(params, DecodeParams) and source_id is None:
         _upload_of_kind(tenant, params.tokens_upload_id, "tokens", "params.tokens_upload_id")
-    if isinstance(params, EncodeParams):
+    if isinstance(params, EncodeParams | ExtendParams | TranscribeParams) and params.upload_id:
         _upload_of_kind(tenant, params.upload_id, "audio", "params.upload_id")
-    return None
+    if isinstance(params, ExtendParams | InpaintParams):
+        _inherit_prompt(params, parent)
+    return parent
 
 
 def _upload_of_kind(tenant: str, upload_id: str | None, kind: str, field: str) -> None:
     upload = services().uploads.get_for_tenant(tenant, upload_id or "")
     if upload is None:
-        raise ApiError(422, "invalid_params", "no such upload", field)
+        raise ApiError(404, "not_found", f"no upload {upload_id}", field)
     if upload.kind != kind:
         raise ApiError(
             422, "invalid_params", f"upload {upload.id} is {upload.kind}, not {kind}", field
@@ -99,7 +148,16 @@ def submit() -> ResponseReturnValue:
         raise api_error from None
     key = _idempotency_key(submission.idempotency_key)
     parent = _check_inputs(tenant, params)
-    job = Job.new(tenant, submission.type, params.model_dump(), parent_job_id=parent)
+    # An extend of an uploaded song waits for an encode job of that upload (its parent).
+    first_step = None
+    if isinstance(params, ExtendParams) and params.upload_id is not None:
+        first_step = Job.new(tenant, "encode", {"upload_id": params.upload_id})
+        parent = first_step
+    job = Job.new(
+        tenant, submission.type, params.model_dump(), parent_job_id=parent.id if parent else None
+    )
+    if first_step is not None:
+        job.stage, job.message = "waiting", f"waiting for encode job {first_step.id}"
     if key is None:
         svc.jobs.create(job)
     else:
@@ -116,10 +174,14 @@ def submit() -> ResponseReturnValue:
             response.headers["Location"] = f"/v1/jobs/{job.id}"
             response.headers["Idempotent-Replayed"] = "true"
             return response
+    if first_step is not None:
+        svc.jobs.create(first_step)
+        svc.jobs.add_dependent(first_step.id, job.id)
     try:
-        enqueue(svc.celery, job)
+        enqueue(svc.celery, first_step or job)
     except Exception as error:  # broker unreachable: the job must not sit queued forever
-        svc.jobs.fail(job.id, "enqueue_failed", f"could not queue the job: {error}")
+        for unqueued in filter(None, (first_step, job)):
+            svc.jobs.fail(unqueued.id, "enqueue_failed", f"could not queue the job: {error}")
         raise ApiError(503, "unavailable", "the job queue is unreachable; try again") from error
     response = jsonify(job_out(job))
     response.status_code = 202
