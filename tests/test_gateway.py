@@ -659,3 +659,101 @@ def test_create_app_from_the_environment(redis_url, tmp_path, monkeypatch) -> No
     assert services.settings.redis_url == redis_url
     assert isinstance(services.store, LocalStore) and services.store.root == tmp_path / "artifacts"
     assert services.celery.conf.broker_url == redis_url
+
+
+# -- extend, inpaint, transcribe ---------------------------------------------------------------
+
+SONG_FRAMES = 100  # 8 s
+
+
+@pytest.fixture
+def song(client, keys, jobs, store) -> str:
+    """A finished 8 s song of tenant acme (tokens, audio, its generate params)."""
+    body = {"type": "generate", "params": {"tags": "piano,happy", "lyrics": "la la", "seed": 1}}
+    job_id = submit(client, keys["acme"], body).get_json()["id"]
+    tokens = npy_bytes(np.zeros((8, SONG_FRAMES), dtype=np.int32))
+    finish(jobs, store, "acme", job_id, {"tokens.npy": tokens, "audio.flac": b"f"})
+    return job_id
+
+
+def test_extend_inherits_the_parents_prompt(client, keys, celery, song) -> None:
+    body = {"type": "extend", "params": {"source_job_id": song, "duration_s": 10.0}}
+    reply = submit(client, keys["acme"], body)
+    assert reply.status_code == 202
+    job = reply.get_json()
+    assert job["parent_job_id"] == song
+    assert (job["params"]["tags"], job["params"]["lyrics"]) == ("piano,happy", "la la")
+    assert celery.sent[-1]["queue"] == "gpu"
+    own = {"source_job_id": song, "tags": "rock", "lyrics": "", "duration_s": 5.0}
+    job = submit(client, keys["acme"], {"type": "extend", "params": own}).get_json()
+    assert (job["params"]["tags"], job["params"]["lyrics"]) == ("rock", "")
+
+
+@pytest.mark.parametrize("job_type", ["extend", "inpaint", "transcribe"])
+def test_another_tenants_parent_is_404(client, keys, celery, song, job_type: str) -> None:
+    params = {"source_job_id": song}
+    if job_type == "inpaint":
+        params |= {"start_s": 1.0, "end_s": 2.0}
+    reply = submit(client, keys["other"], {"type": job_type, "params": params})
+    assert reply.status_code == 404
+    assert reply.get_json()["error"]["field"] == "params.source_job_id"
+    assert len(celery.sent) == 1  # only the song itself
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "field"),
+    [
+        (1.0, 9.0, "params.end_s"),
+        (3.0, 2.0, "params.end_s"),
+        (-1.0, 2.0, "params.start_s"),
+        (2.0, 2.1, "params.end_s"),
+    ],
+)
+def test_inpaint_ranges_are_checked_against_the_song(
+    client, keys, celery, song, start: float, end: float, field: str
+) -> None:
+    body = {"type": "inpaint", "params": {"source_job_id": song, "start_s": start, "end_s": end}}
+    reply = submit(client, keys["acme"], body)
+    assert reply.status_code == 422, reply.get_json()
+    assert reply.get_json()["error"]["field"] == field
+    assert len(celery.sent) == 1
+
+
+def test_inpaint_defaults_to_the_reference_repair_sampling(client, keys, celery, song) -> None:
+    body = {"type": "inpaint", "params": {"source_job_id": song, "start_s": 1.0, "end_s": 2.5}}
+    job = submit(client, keys["acme"], body).get_json()
+    params = job["params"]
+    assert (params["temperature"], params["top_k"], params["cfg_scale"]) == (0.2, 30, 1.0)
+    assert params["tags"] == "piano,happy" and job["parent_job_id"] == song
+
+
+def test_extend_of_an_upload_runs_an_encode_step_first(client, keys, celery, jobs) -> None:
+    upload_id = upload(client, keys["acme"], wav_bytes(), "take.wav").get_json()["id"]
+    params = {"upload_id": upload_id, "tags": "rock", "duration_s": 5.0}
+    extend = submit(client, keys["acme"], {"type": "extend", "params": params}).get_json()
+    encode = jobs.get(extend["parent_job_id"])
+    assert encode.type == "encode" and encode.params == {"upload_id": upload_id}
+    assert extend["state"] == "queued" and extend["stage"] == "waiting"
+    assert [m["queue"] for m in celery.sent] == ["cpu"]  # only the encode step is queued
+    assert jobs.take_dependents(encode.id) == [extend["id"]]
+
+    no_tags = submit(client, keys["acme"], {"type": "extend", "params": {"upload_id": upload_id}})
+    assert no_tags.status_code == 422 and no_tags.get_json()["error"]["field"] == "params.tags"
+
+
+def test_cancelling_a_queued_step_cancels_the_job_waiting_for_it(client, keys, jobs) -> None:
+    upload_id = upload(client, keys["acme"], wav_bytes(), "take.wav").get_json()["id"]
+    params = {"upload_id": upload_id, "tags": "rock", "duration_s": 5.0}
+    extend = submit(client, keys["acme"], {"type": "extend", "params": params}).get_json()
+    client.post(f"/v1/jobs/{extend['parent_job_id']}/cancel", headers=keys["acme"])
+    assert jobs.get(extend["id"]).state == "cancelled"
+
+
+def test_transcribe_takes_an_upload_or_a_songs_audio(client, keys, celery, song) -> None:
+    upload_id = upload(client, keys["acme"], wav_bytes(), "take.wav").get_json()["id"]
+    for params in ({"upload_id": upload_id}, {"source_job_id": song, "language": "en"}):
+        reply = submit(client, keys["acme"], {"type": "transcribe", "params": params})
+        assert reply.status_code == 202 and celery.sent[-1]["queue"] == "cpu"
+    both = {"upload_id": upload_id, "source_job_id": song}
+    reply = submit(client, keys["acme"], {"type": "transcribe", "params": both})
+    assert reply.status_code == 422 and reply.get_json()["error"]["field"] == "params.upload_id"
