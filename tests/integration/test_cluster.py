@@ -147,3 +147,31 @@ def test_gateway_process_never_imports_torch(cluster: Cluster) -> None:
     maps = Path(f"/proc/{cluster.gateway.pid}/maps").read_text()
     assert "python" in maps  # the right process
     assert "libtorch" not in maps and "/torch/" not in maps
+
+
+def _tokens(cluster: Cluster, tenant: str, job_id: str) -> np.ndarray:
+    return np.load(io.BytesIO(cluster.artifact(tenant, job_id, "tokens.npy").content))
+
+
+def test_extend_then_inpaint_a_song(s3_cluster: Cluster) -> None:
+    cluster = s3_cluster
+    song = cluster.submit("alice", "generate", {**SHORT, "duration_s": 1.0})
+    assert cluster.wait("alice", song["id"])["state"] == "succeeded"
+    longer = cluster.submit("alice", "extend", {"source_job_id": song["id"], "duration_s": 0.8})
+    assert longer["params"]["tags"] == SHORT["tags"] and longer["parent_job_id"] == song["id"]
+    assert cluster.wait("alice", longer["id"])["state"] == "succeeded"
+    parent, extended = (
+        _tokens(cluster, "alice", song["id"]),
+        _tokens(cluster, "alice", longer["id"]),
+    )
+    assert parent.shape == (8, 12) and extended.shape == (8, 22)
+    assert np.array_equal(extended[:, :12], parent)
+    info = soundfile.info(io.BytesIO(cluster.artifact("alice", longer["id"], "audio.flac").content))
+    assert info.frames == 22 * SAMPLES_PER_FRAME
+
+    params = {"source_job_id": longer["id"], "start_s": 0.4, "end_s": 1.2}
+    repaired = cluster.submit("alice", "inpaint", params)
+    assert cluster.wait("alice", repaired["id"])["state"] == "succeeded"
+    tokens = _tokens(cluster, "alice", repaired["id"])
+    assert np.array_equal(tokens[:, :5], extended[:, :5])
+    assert np.array_equal(tokens[:, 15:], extended[:, 15:])
