@@ -39,6 +39,7 @@ class Client:
         session: requests.Session | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/") + "/"
+        self.api_key = api_key
         self.timeout_s = timeout_s
         self._session = session or requests.Session()
         self._auth = {"Authorization": f"Bearer {api_key}"}

@@ -158,20 +158,15 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from api.cli import _read_text_or_file
 
     client = _client(args)
-    if args.type == "generate":
-        params: dict[str, Any] = {
-            "tags": args.tags,
-            "lyrics": _read_text_or_file(args.lyrics),
-            "duration_s": args.duration,
-            "temperature": args.temperature,
-            "top_k": args.top_k,
-            "cfg_scale": args.cfg_scale,
-            "format": args.format,
-        }
-        if args.seed is not None:
-            params["seed"] = args.seed
-    else:
-        params = {"source_job_id": args.source_job_id, "steps": args.steps, "format": args.format}
+    params: dict[str, Any] = {
+        name: getattr(args, name)
+        for name in args.param_names
+        if getattr(args, name, None) is not None
+    }
+    if "lyrics" in params:
+        params["lyrics"] = _read_text_or_file(params["lyrics"])
+    if getattr(args, "audio", None):
+        params["upload_id"] = client.upload(Path(args.audio))["id"]
     job = client.submit(args.type, params, idempotency_key=args.idempotency_key)
     if not args.watch:
         print(job["id"])
@@ -265,23 +260,65 @@ def add_cluster_commands(commands: argparse._SubParsersAction) -> None:
 
     submit = commands.add_parser("submit", help="submit a job to the gateway")
     kinds = submit.add_subparsers(dest="type", required=True)
-    gen = kinds.add_parser("generate", help="tags + lyrics → song")
-    gen.add_argument("--tags", required=True, help="comma-separated, e.g. piano,happy")
-    gen.add_argument("--lyrics", default="", help="lyrics text, or a file holding them")
-    gen.add_argument("--duration", type=float, default=30.0, help="seconds")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=50)
-    gen.add_argument("--cfg-scale", type=float, default=1.5)
-    gen.add_argument("--seed", type=int, help="default: the worker picks one (recorded)")
-    dec = kinds.add_parser("decode", help="a finished job's tokens → audio")
-    dec.add_argument("--source-job-id", required=True)
-    dec.add_argument("--steps", type=int, default=10)
-    for parser in (gen, dec):
-        parser.add_argument("--format", choices=("flac", "wav", "mp3"), default="flac")
+
+    def kind(name: str, text: str, *params: str) -> argparse.ArgumentParser:
+        """A submit subcommand; `params` are the API params its options fill (unset: the
+        gateway's default, e.g. the parent's tags for extend)."""
+        parser = kinds.add_parser(name, help=text)
+        parser.set_defaults(param_names=params, handler=_reporting_errors(_cmd_submit))
         parser.add_argument("--idempotency-key", help="retrying with it never makes two jobs")
         parser.add_argument("--watch", action="store_true", help="show progress until done")
         _client_options(parser)
-        parser.set_defaults(handler=_reporting_errors(_cmd_submit))
+        return parser
+
+    def prompt_options(parser: argparse.ArgumentParser, required: bool) -> None:
+        default = None if required else "(the parent's)"
+        parser.add_argument("--tags", required=required, help=f"comma-separated, {default}")
+        parser.add_argument("--lyrics", help="lyrics text, or a file holding them")
+
+    def sampling_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--temperature", type=float)
+        parser.add_argument("--top-k", type=int)
+        parser.add_argument("--cfg-scale", type=float)
+        parser.add_argument("--seed", type=int, help="default: the worker picks one (recorded)")
+        parser.add_argument("--format", choices=("flac", "wav", "mp3"))
+
+    song = ("tags", "lyrics", "temperature", "top_k", "cfg_scale", "seed", "format")
+    gen = kind("generate", "tags + lyrics → song", *song, "duration_s")
+    prompt_options(gen, required=True)
+    gen.add_argument("--duration", dest="duration_s", type=float, help="seconds (default 30)")
+    sampling_options(gen)
+
+    ext = kind("extend", "continue a song", *song, "duration_s", "source_job_id")
+    source = ext.add_mutually_exclusive_group(required=True)
+    source.add_argument("--source-job-id", help="a finished job's song")
+    source.add_argument("--audio", help="an audio file to upload and continue")
+    ext.add_argument("--duration", dest="duration_s", type=float, help="seconds to add")
+    prompt_options(ext, required=False)
+    sampling_options(ext)
+
+    inp = kind(
+        "inpaint", "regenerate [start, end) of a song", *song, "source_job_id", "start_s", "end_s"
+    )
+    inp.add_argument("--source-job-id", required=True)
+    inp.add_argument("--start", dest="start_s", type=float, required=True, help="seconds")
+    inp.add_argument("--end", dest="end_s", type=float, required=True, help="seconds")
+    prompt_options(inp, required=False)
+    sampling_options(inp)
+
+    dec = kind(
+        "decode", "a finished job's tokens → audio", "source_job_id", "steps", "seed", "format"
+    )
+    dec.add_argument("--source-job-id", required=True)
+    dec.add_argument("--steps", type=int)
+    dec.add_argument("--seed", type=int)
+    dec.add_argument("--format", choices=("flac", "wav", "mp3"))
+
+    tra = kind("transcribe", "lyrics from a song", "source_job_id", "language")
+    source = tra.add_mutually_exclusive_group(required=True)
+    source.add_argument("--source-job-id", help="a finished job's audio")
+    source.add_argument("--audio", help="an audio file to upload and transcribe")
+    tra.add_argument("--language", help="e.g. en (default: detected)")
 
     for name, handler, text in (
         ("status", _cmd_status, "show a job"),

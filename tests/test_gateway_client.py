@@ -160,3 +160,24 @@ def test_python_m_api_serves_the_gateway(redis_url: str, tmp_path: Path) -> None
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_cli_submit_sends_each_kinds_params(gateway, tmp_path: Path, capsys) -> None:
+    from api.cli import main
+
+    client, jobs, store = gateway
+    common = ["--url", client.base_url, "--api-key", client.api_key]
+    assert main(["submit", "generate", "--tags", "piano", "--duration", "2", *common]) == 0
+    song_id = capsys.readouterr().out.strip()
+    assert jobs.get(song_id).params["duration_s"] == 2.0
+
+    wav = tmp_path / "take.wav"
+    soundfile.write(wav, np.zeros((8000, 2), dtype=np.float32), 8000)
+    assert main(["submit", "transcribe", "--audio", str(wav), "--language", "en", *common]) == 0
+    transcribe = jobs.get(capsys.readouterr().out.strip())
+    assert transcribe.type == "transcribe" and transcribe.params["language"] == "en"
+    assert transcribe.params["upload_id"]
+
+    args = ["submit", "inpaint", "--source-job-id", song_id, "--start", "0", "--end", "1"]
+    assert main([*args, *common]) != 0  # the song has not finished: refused, field named
+    assert "params.source_job_id" in capsys.readouterr().err
