@@ -1,68 +1,31 @@
-"""Tokens → audio file, the one path the CLI and the workers share."""
+"""Tokens → audio file (the local `decode` and `generate --out song.flac` commands)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from shared.audio import encode_audio, format_for_path
-from shared.codec.decoder import AbortCheck, HeartCodecDecoder, ProgressCallback
-
-
-def decode_to_bytes(
-    decoder: HeartCodecDecoder,
-    codes: np.ndarray | torch.Tensor,
-    fmt: str = "flac",
-    *,
-    steps: int = 10,
-    guidance: float = 1.25,
-    seed: int = 0,
-    loop_padding: bool = True,
-    on_progress: ProgressCallback | None = None,
-    should_abort: AbortCheck | None = None,
-) -> bytes:
-    """Decode codes [8, T] and encode the 48 kHz stereo audio as a FLAC/WAV/MP3 file's bytes."""
-    audio = decoder.detokenize(
-        codes,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-        loop_padding=loop_padding,
-        on_progress=on_progress,
-        should_abort=should_abort,
-    )
-    return encode_audio(audio.numpy(), fmt, decoder.sample_rate)
+from shared.codec.decoder import HeartCodecDecoder
 
 
 def decode_to_file(
     decoder: HeartCodecDecoder,
     codes: np.ndarray | torch.Tensor,
     out: Path | str,
-    *,
-    steps: int = 10,
-    guidance: float = 1.25,
-    seed: int = 0,
-    loop_padding: bool = True,
-    on_progress: ProgressCallback | None = None,
-    should_abort: AbortCheck | None = None,
+    **detokenize_options: Any,
 ) -> Path:
     """Decode codes [8, T] into `out`; the suffix (.flac, .wav, .mp3) picks the format.
 
     The format is checked before decoding, so a bad name fails at once, not after minutes.
+    Options (steps, guidance, seed, loop_padding, on_progress, should_abort) go to
+    `HeartCodecDecoder.detokenize`.
     """
     out = Path(out)
-    data = decode_to_bytes(
-        decoder,
-        codes,
-        format_for_path(out),
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-        loop_padding=loop_padding,
-        on_progress=on_progress,
-        should_abort=should_abort,
-    )
-    out.write_bytes(data)
+    fmt = format_for_path(out)
+    audio = decoder.detokenize(codes, **detokenize_options)
+    out.write_bytes(encode_audio(audio.numpy(), fmt, decoder.sample_rate))
     return out
