@@ -262,4 +262,9 @@ def load_transcriber(
         processor = WhisperProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{folder}: not a usable Whisper checkpoint ({error})") from error
+    if getattr(model.generation_config, "no_timestamps_token_id", None) is None:
+        raise CheckpointError(
+            f"{folder}/generation_config.json lacks no_timestamps_token_id: "
+            "timestamped segments cannot be decoded"
+        )
     return Transcriber(model.to(target).eval(), processor, batch_size, max_new_tokens)

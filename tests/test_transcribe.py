@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +188,22 @@ def test_missing_or_broken_checkpoint(tmp_path: Path) -> None:
         load_transcriber(tmp_path, device="cpu")
 
 
+def test_checkpoint_without_timestamp_tokens(model_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / TRANSCRIBER_FOLDER
+    shutil.copytree(model_dir / TRANSCRIBER_FOLDER, copy)
+    config = json.loads((copy / "generation_config.json").read_text())
+    del config["no_timestamps_token_id"]
+    (copy / "generation_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="lacks no_timestamps_token_id"):
+        load_transcriber(tmp_path, device="cpu")
+
+
+def test_lyrics_module_does_not_import_torch() -> None:
+    """The gateway renders exports from transcript.json and must never load torch."""
+    code = "import sys, shared.lyrics; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
 def _lrc_seconds(line: str) -> float:
     match = LRC_LINE.match(line)
     assert match, f"bad LRC line {line!r}"
@@ -274,7 +293,7 @@ def test_cli_writes_transcript_lrc_and_srt(model_dir: Path, tmp_path: Path) -> N
     assert srt_starts == pytest.approx(lrc_starts, abs=0.005)
 
 
-def test_cli_refuses_a_file_that_is_not_audio(
+def test_cli_refuses_non_audio_and_a_missing_model(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     bad = tmp_path / "notes.flac"
@@ -283,3 +302,8 @@ def test_cli_refuses_a_file_that_is_not_audio(
     assert main(["transcribe", str(bad), "--out", str(out), "--model-dir", str(model_dir)]) == 2
     assert f"{bad}: not a readable audio file" in capsys.readouterr().err
     assert not out.exists()
+
+    song = tmp_path / "song.wav"
+    sf.write(song, _noise(1, 16_000, 1).T, 16_000)
+    assert main(["transcribe", str(song), "--out", str(out), "--model-dir", str(tmp_path)]) == 2
+    assert f"not found: {tmp_path / TRANSCRIBER_FOLDER}" in capsys.readouterr().err
