@@ -103,7 +103,6 @@ class Transcriber:
         config = copy.deepcopy(self.model.generation_config)
         config.num_beams = NUM_BEAMS
         config.max_new_tokens = self.max_new_tokens
-        config.max_length = None  # max_new_tokens governs
         return config
 
     def _languages(self, features: torch.Tensor, language: str | None) -> list[str] | None:
