@@ -201,6 +201,55 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_transcribe(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from shared.audio import read_audio
+    from shared.lyrics import to_lrc, to_srt
+    from shared.transcribe import load_transcriber
+
+    if not args.model_dir:
+        print("error: pass --model-dir or set HEARTCLUSTER_MODEL_DIR", file=sys.stderr)
+        return 2
+    try:
+        # The audio is checked before the model loads, so a bad file fails at once.
+        audio, rate = read_audio(Path(args.audio), name=args.audio)
+        transcriber = load_transcriber(
+            Path(args.model_dir),
+            args.device,
+            args.dtype,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+        )
+        with tqdm(unit="chunk", desc="transcribe", file=sys.stderr) as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            transcript = transcriber.transcribe(
+                audio, rate, language=args.language, on_progress=progress
+            )
+    except ValueError as error:  # AudioError, CheckpointError, an unknown language
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    outputs = [(args.out, json.dumps(transcript.to_json(), indent=2, ensure_ascii=False) + "\n")]
+    if args.lrc:
+        outputs.append((args.lrc, to_lrc(transcript)))
+    if args.srt:
+        outputs.append((args.srt, to_srt(transcript)))
+    for path, text in outputs:
+        Path(path).write_text(text, encoding="utf-8")
+        print(f"wrote {path}")
+    print(
+        f"{len(transcript.segments)} segments, {transcript.duration_s:.2f} s, "
+        f"language {transcript.language or 'unknown'}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heartcluster", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -270,6 +319,25 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     enc.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: fp32)")
     enc.set_defaults(handler=_cmd_encode)
+
+    tr = commands.add_parser("transcribe", help="lyrics from an audio file, in this process")
+    tr.add_argument("audio", help="WAV, FLAC, OGG or MP3 file")
+    tr.add_argument("--out", required=True, help="transcript.json to write")
+    tr.add_argument("--lrc", help="also write LRC lyrics ([mm:ss.xx] lines)")
+    tr.add_argument("--srt", help="also write SRT subtitles")
+    tr.add_argument(
+        "--model-dir",
+        default=os.environ.get("HEARTCLUSTER_MODEL_DIR"),
+        help="holds HeartTranscriptor-oss/ (default: $HEARTCLUSTER_MODEL_DIR)",
+    )
+    tr.add_argument("--language", default=None, help="e.g. en, zh (default: detected per chunk)")
+    tr.add_argument("--batch-size", type=int, default=16, help="30 s chunks decoded at once")
+    tr.add_argument(
+        "--max-new-tokens", type=int, default=256, help="most tokens decoded per 30 s window"
+    )
+    tr.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    tr.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: per device)")
+    tr.set_defaults(handler=_cmd_transcribe)
 
     add_cluster_commands(commands)
     return parser

@@ -17,6 +17,7 @@ from shared.models.checkpoint import write_shards
 from shared.models.heartmula import HeartMuLa, HeartMuLaConfig
 from shared.models.llama import TransformerSpec
 from shared.models.prompt import GenConfig
+from shared.transcribe_tiny import write_tiny_transcriber
 
 TINY_VERSION = "tiny"
 NOISE_WARNING = "tiny models have random weights: they make noise, not music"
@@ -130,4 +131,5 @@ def write_tiny_models(model_dir: Path, seed: int = 0) -> list[Path]:
         write_tiny_heartmula(model_dir, seed),
         write_tiny_codec(model_dir, seed),
         write_tiny_encoder(model_dir, seed),
+        write_tiny_transcriber(model_dir, seed),
     ]
