@@ -32,6 +32,8 @@ CONTENT_TYPES = {
     ".mp3": "audio/mpeg",
     ".json": "application/json",
     ".npy": "application/octet-stream",
+    ".lrc": "text/plain; charset=utf-8",
+    ".srt": "application/x-subrip; charset=utf-8",
 }
 
 

@@ -287,3 +287,18 @@ def test_a_failed_step_fails_the_job_waiting_for_it(runner: JobRunner) -> None:
     final = runner.jobs.get(extend.id)
     assert ENQUEUED == [] and final.state == "failed"
     assert final.error["code"] == "dependency_failed" and encode.id in final.error["message"]
+
+
+def test_transcribe_a_songs_audio_writes_transcript_lrc_and_srt(
+    runner: JobRunner, parent: Job
+) -> None:
+    job = _finished(runner, "transcribe", {"source_job_id": parent.id, "language": "en"})
+    assert sorted(job.artifacts) == ["lyrics.lrc", "lyrics.srt", "metadata.json", "transcript.json"]
+    transcript = json.loads(_artifact(runner, job, "transcript.json"))
+    assert set(transcript) >= {"text", "segments", "duration_s"}
+    assert transcript["duration_s"] == pytest.approx(12 * 0.08)
+    for segment in transcript["segments"]:
+        assert 0 <= segment["start"] <= segment["end"] <= transcript["duration_s"] + 1e-6
+    cues = [s for s in transcript["segments"] if s["text"].strip()]
+    assert _artifact(runner, job, "lyrics.srt").decode().count(" --> ") == len(cues)
+    assert len(_artifact(runner, job, "lyrics.lrc").decode().splitlines()) == len(cues)

@@ -18,8 +18,10 @@ from shared.codec.decoder import HeartCodecDecoder, load_codec
 from shared.codec.encoder import EncoderNotFoundError, HeartCodecEncoder, load_encoder
 from shared.config import Settings
 from shared.generation.engine import GenerationEngine
+from shared.models.checkpoint import CheckpointError
 from shared.models.heartmula import heartmula_folder
 from shared.models.tiny import NOISE_WARNING, TINY_VERSION, write_tiny_models
+from shared.transcribe import Transcriber, load_transcriber
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ class WorkerModels:
         self._engine: GenerationEngine | None = None
         self._codec: HeartCodecDecoder | None = None
         self._encoder: HeartCodecEncoder | None = None
+        self._transcriber: Transcriber | None = None
 
     def engine(self) -> GenerationEngine:
         with self._load_lock:
@@ -96,16 +99,30 @@ class WorkerModels:
                 )
             return self._encoder
 
+    def transcriber(self) -> Transcriber:
+        with self._load_lock:
+            if self._transcriber is None:
+                log.info("loading HeartTranscriptor from %s", self.model_dir)
+                self._transcriber = load_transcriber(
+                    self.model_dir, self.settings.device, self.settings.dtype
+                )
+            return self._transcriber
+
     def preload(self, queues: set[str]) -> None:
         """Load what the consumed queues need, so the first job does not pay for it."""
         if "gpu" in queues:
             self.engine()
             self.codec()
         if "cpu" in queues:
+            # Both optional: their jobs fail saying which folder is missing.
             try:
                 self.encoder()
-            except EncoderNotFoundError as error:  # optional: encode jobs fail saying why
+            except EncoderNotFoundError as error:
                 log.warning("%s; encode jobs will fail until it is there", error)
+            try:
+                self.transcriber()
+            except CheckpointError as error:
+                log.warning("%s; transcribe jobs will fail until it is there", error)
 
     def close(self) -> None:
         if self._engine is not None:

@@ -22,6 +22,7 @@ from shared.config import Settings
 from shared.generation.engine import GenerationRequest, RequestError
 from shared.inpaint import GapError, plan_gap
 from shared.jobs import Job, JobStore, Upload, UploadStore
+from shared.lyrics import to_lrc, to_srt
 from shared.pipelines import (
     PipelineAborted,
     PipelineInputError,
@@ -41,8 +42,10 @@ from shared.schemas import (
     ExtendParams,
     GenerateParams,
     InpaintParams,
+    TranscribeParams,
 )
 from shared.storage import ObjectStore, artifact_key, content_type_for, job_prefix
+from shared.transcribe import TranscriptionAborted
 from workers.models import WorkerModels
 from workers.progress import ProgressReporter
 
@@ -50,6 +53,7 @@ log = logging.getLogger(__name__)
 
 METADATA = "metadata.json"
 TOKENS = "tokens.npy"
+TRANSCRIPT = "transcript.json"
 # Progress share of the pipeline; uploading takes the rest.
 PIPELINE_SHARE = 95.0
 
@@ -113,6 +117,7 @@ class JobRunner:
             "encode": self._encode,
             "extend": self._extend,
             "inpaint": self._inpaint,
+            "transcribe": self._transcribe,
         }
 
     # ----- lifecycle --------------------------------------------------------------------------
@@ -410,6 +415,45 @@ class JobRunner:
                 "frames": int(tokens.shape[1]),
                 "source_sample_rate": sample_rate,
             },
+        )
+
+    def _transcribe(
+        self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]
+    ) -> Output:
+        """transcript.json (text, timed segments, words where the model gives them) plus
+        lyrics.lrc and lyrics.srt for karaoke display."""
+        params = TranscribeParams.model_validate(job.params, context=self._context)
+        if params.upload_id is not None:
+            key = self._upload(job, params.upload_id, "upload_id", "audio").key
+            field = "upload_id"
+        else:
+            source, name = self._source_job(
+                job, params.source_job_id, "source_job_id", AUDIO_ARTIFACTS
+            )
+            key, field = artifact_key(job.tenant, source.id, name), "source_job_id"
+        audio, rate = read_audio(
+            self.objects.get_bytes(key), self.settings.max_upload_seconds, field
+        )
+        progress.update("transcribing", 0.0)
+        try:
+            transcript = self.models.transcriber().transcribe(
+                audio,
+                rate,
+                language=params.language,
+                on_progress=lambda done, total: progress.update(
+                    "transcribing", PIPELINE_SHARE * done / total
+                ),
+                should_abort=should_abort,
+            )
+        except TranscriptionAborted as error:
+            raise PipelineAborted from error
+        return Output(
+            files={
+                TRANSCRIPT: json.dumps(transcript.to_json(), indent=2).encode(),
+                "lyrics.lrc": to_lrc(transcript).encode(),
+                "lyrics.srt": to_srt(transcript).encode(),
+            },
+            metadata={"params": params.model_dump(), "source_sample_rate": rate},
         )
 
     def _upload(self, job: Job, upload_id: str | None, field: str, kind: str) -> Upload:

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 
 from shared.storage import artifact_key
@@ -175,3 +176,18 @@ def test_extend_then_inpaint_a_song(s3_cluster: Cluster) -> None:
     tokens = _tokens(cluster, "alice", repaired["id"])
     assert np.array_equal(tokens[:, :5], extended[:, :5])
     assert np.array_equal(tokens[:, 15:], extended[:, 15:])
+
+
+def test_transcribe_a_song_on_the_cpu_worker(local_cluster: Cluster) -> None:
+    cluster = local_cluster
+    song = cluster.submit("alice", "generate", {**SHORT, "duration_s": 1.0})
+    assert cluster.wait("alice", song["id"])["state"] == "succeeded"
+    job = cluster.submit("alice", "transcribe", {"source_job_id": song["id"]})
+    final = cluster.wait("alice", job["id"])
+    assert final["state"] == "succeeded", final["error"]
+    assert {"transcript.json", "lyrics.lrc", "lyrics.srt"} <= set(final["artifacts"])
+    transcript = cluster.artifact("alice", job["id"], "transcript.json").json()
+    assert transcript["duration_s"] == pytest.approx(0.96)  # 12 frames
+    assert isinstance(transcript["segments"], list)
+    bob = cluster.http("bob").get(f"{cluster.url}/v1/jobs/{job['id']}", timeout=10)
+    assert bob.status_code == 404
