@@ -143,13 +143,13 @@ class _Job:
 @dataclass
 class _Running:
     job: _Job
-    first_row: int
-    num_rows: int
-    next_position: int  # where the last sampled frame is fed next step
+    rows: list[int]  # batch rows: [conditional] or [conditional, unconditional]
+    next_position: int = 0  # where the last sampled frame is fed next step
 
     @property
-    def rows(self) -> slice:
-        return slice(self.first_row, self.first_row + self.num_rows)
+    def end(self) -> int:
+        """One past its highest row: the batch must span rows 0..end-1 to include it."""
+        return max(self.rows) + 1
 
 
 class GenerationEngine:
@@ -254,12 +254,18 @@ class GenerationEngine:
             self._thread.start()
 
     def stop(self) -> None:
+        """Stop the loop; requests still waiting or running fail (nobody waits forever)."""
         with self._lock:
             self._stopping = True
             self._lock.notify()
+            pending, self._pending = list(self._pending), deque()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        stopped = RuntimeError("the generation engine was stopped")
+        self._fail_running(stopped)
+        for job in pending:
+            job.handle.future.set_exception(stopped)
 
     def _loop(self) -> None:
         while True:
@@ -286,18 +292,20 @@ class GenerationEngine:
         self._admit()
         if not self._running:
             return
-        n = max(r.rows.stop for r in self._running)
+        n = max(r.end for r in self._running)
         rows = self._row_sampling(n)
         codes = self.model.sample_frame(
             self.hidden[:n], lambda logits, k: self.sampler.pick(logits, k, rows)
         )
         codes = codes.to("cpu", torch.int32).numpy()
         for run in list(self._running):
-            self._record_frame(run, codes[run.first_row])
+            self._record_frame(run, codes[run.rows[0]])
 
     def _drop_aborted_pending(self) -> None:
         with self._lock:
-            aborted = [j for j in self._pending if j.aborted()]
+            waiting = list(self._pending)
+        aborted = [j for j in waiting if j.aborted()]  # callbacks run outside the lock
+        with self._lock:
             for job in aborted:
                 self._pending.remove(job)
         for job in aborted:
@@ -305,7 +313,7 @@ class GenerationEngine:
 
     def _feed_last_frames(self) -> None:
         """One backbone step for all running rows, each at its own position."""
-        n = max(r.rows.stop for r in self._running)
+        n = max(r.end for r in self._running)
         frames = np.zeros((n, 1, self.model.config.audio_num_codebooks), dtype=np.int64)
         positions = np.zeros((n, 1), dtype=np.int64)
         for run in self._running:
@@ -319,26 +327,26 @@ class GenerationEngine:
         self.hidden[:n] = out[:, -1]
 
     def _admit(self) -> None:
+        """Waiting requests take the lowest free rows, first come first served."""
         while True:
             with self._lock:
                 if not self._pending:
                     return
                 job = self._pending[0]
-                first = self._free_rows(2 if job.request.guided else 1)
-                if first is None:
+                free = [r for r, owner in enumerate(self._rows) if owner is None]
+                needed = 2 if job.request.guided else 1
+                if len(free) < needed:
                     return
                 self._pending.popleft()
-            run = _Running(job, first, 2 if job.request.guided else 1, next_position=0)
-            for r in range(run.rows.start, run.rows.stop):
+            run = _Running(job, free[:needed])
+            for r in run.rows:
                 self._rows[r] = run
             self._running.append(run)
-            self._prefill(run)
-
-    def _free_rows(self, count: int) -> int | None:
-        for first in range(self.max_rows - count + 1):
-            if all(self._rows[r] is None for r in range(first, first + count)):
-                return first
-        return None
+            try:
+                self._prefill(run)
+            except Exception as error:  # noqa: BLE001 (e.g. out of memory: this request only)
+                self._release(run)
+                job.handle.future.set_exception(error)
 
     def _prefill(self, run: _Running) -> None:
         """Prompt (+ history) of one request through the backbone in one call."""
@@ -347,7 +355,7 @@ class GenerationEngine:
         if job.request.history is not None:
             h_tokens, h_mask = self.prompts.history_rows(torch.from_numpy(job.request.history))
             tokens, mask = torch.cat([tokens, h_tokens]), torch.cat([mask, h_mask])
-        length, b = tokens.shape[0], run.num_rows
+        length, b = tokens.shape[0], len(run.rows)
         unconditional = torch.tensor([False, True][:b], device=device)
         x = self.model.embed_sequence(
             tokens.to(device).expand(b, -1, -1),
@@ -356,7 +364,8 @@ class GenerationEngine:
             unconditional,
         )
         positions = torch.arange(length, device=device).expand(b, -1)
-        out = self.model.backbone(x, positions, run.rows, kv_len=length)
+        rows = torch.tensor(run.rows, device=device)
+        out = self.model.backbone(x, positions, rows, kv_len=length)
         self.hidden[run.rows] = out[:, -1]
         run.next_position = length
 
@@ -365,8 +374,8 @@ class GenerationEngine:
         cond, uncond, ints, floats, eos = [], [], [], [], []
         for i, run in enumerate(self._running):
             req = run.job.request
-            cond.append(run.first_row)
-            uncond.append(run.first_row + run.num_rows - 1)
+            cond.append(run.rows[0])
+            uncond.append(run.rows[-1])
             owner[run.rows] = i
             ints.append((req.top_k, req.seed, len(run.job.frames)))
             floats.append((req.cfg_scale, req.temperature))
@@ -406,7 +415,7 @@ class GenerationEngine:
     # ----- ending requests --------------------------------------------------------------------
 
     def _release(self, run: _Running) -> None:
-        for r in range(run.rows.start, run.rows.stop):
+        for r in run.rows:
             self._rows[r] = None
         self._running.remove(run)
 

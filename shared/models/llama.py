@@ -116,7 +116,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         positions: torch.Tensor,
         cache: KVCache,
-        rows: slice,
+        rows: slice | torch.Tensor,
         kv_len: int,
     ) -> torch.Tensor:
         """Attend x [B, S, D] at positions [B, S] over cache rows `rows`, keys 0..kv_len-1.
@@ -130,19 +130,19 @@ class Attention(nn.Module):
         k = apply_rotary(self.k_proj(x).view(b, s, self.spec.num_kv_heads, hd), cos, sin)
         v = self.v_proj(x).view(b, s, self.spec.num_kv_heads, hd)
 
-        row_index = torch.arange(b, device=x.device).unsqueeze(1)
-        cache_k, cache_v = cache.k[rows], cache.v[rows]
-        cache_k[row_index, :, positions] = k.to(cache_k.dtype)
-        cache_v[row_index, :, positions] = v.to(cache_v.dtype)
+        if isinstance(rows, slice):
+            row_index = torch.arange(rows.start, rows.stop, device=x.device)
+        else:
+            row_index = rows
+        cache.k[row_index.unsqueeze(1), :, positions] = k.to(cache.k.dtype)
+        cache.v[row_index.unsqueeze(1), :, positions] = v.to(cache.v.dtype)
+        # A slice of rows reads the cache in place; scattered rows (a prefill) gather a copy.
+        keys, values = cache.k[rows, :, :kv_len], cache.v[rows, :, :kv_len]
 
         key_pos = torch.arange(kv_len, device=x.device)
         mask = key_pos.view(1, 1, 1, kv_len) <= positions.view(b, 1, s, 1)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            cache_k[:, :, :kv_len],
-            cache_v[:, :, :kv_len],
-            attn_mask=mask,
-            enable_gqa=True,
+            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True
         )
         return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -175,7 +175,7 @@ class TransformerLayer(nn.Module):
         sin: torch.Tensor,
         positions: torch.Tensor,
         cache: KVCache,
-        rows: slice,
+        rows: slice | torch.Tensor,
         kv_len: int,
     ) -> torch.Tensor:
         x = x + self.attn(self.sa_norm(x), cos, sin, positions, cache, rows, kv_len)
@@ -213,9 +213,10 @@ class Transformer(nn.Module):
         return self.caches[0].k.shape[2] if self.caches else 0
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rows: slice, kv_len: int
+        self, x: torch.Tensor, positions: torch.Tensor, rows: slice | torch.Tensor, kv_len: int
     ) -> torch.Tensor:
-        """Run x [B, S, D] at positions [B, S] on cache rows `rows` (B == rows' length)."""
+        """Run x [B, S, D] at positions [B, S] on cache rows `rows` (a slice, or a row index
+        tensor; B == the number of rows)."""
         if not self.caches:
             raise RuntimeError("setup_caches() must be called before running the transformer")
         cos, sin = self._rope_cos[positions], self._rope_sin[positions]

@@ -242,3 +242,49 @@ def test_half_precision_generates_valid_codes(tiny_model_dir: Path, dtype: str) 
     result = half.generate([BASE])[0]
     assert half.model.dtype != torch.float32
     assert result.tokens.shape == (8, 15) and result.tokens.max() < CODEC_CODES
+
+
+def test_a_guided_request_uses_free_rows_wherever_they_are(tiny_model_dir: Path) -> None:
+    """Rows 0 and 3 free, 1 and 2 busy: a guided request still starts at once."""
+    small = GenerationEngine.from_model_dir(tiny_model_dir, "tiny", device="cpu", max_rows=4)
+    unguided = replace(BASE, cfg_scale=1.0)
+    lengths = [0.24, 2.0, 2.0, 0.24]
+    first = [small.submit(replace(unguided, seed=s, duration_s=d)) for s, d in enumerate(lengths)]
+    for _ in range(3):
+        small.step()
+    assert first[0].done() and first[3].done() and small.active_requests == 2
+    guided = replace(BASE, seed=42)
+    handle = small.submit(guided)
+    small.step()
+    assert small.pending_requests == 0 and small.active_requests == 3
+    while not handle.done():
+        small.step()
+    assert np.array_equal(handle.result().tokens, _alone(small, guided))
+
+
+def test_a_failing_prefill_fails_only_its_own_request(
+    engine: GenerationEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefill = engine._prefill
+
+    def failing(run) -> None:
+        if run.job.request.seed == 666:
+            raise torch.OutOfMemoryError("no room for this one")
+        prefill(run)
+
+    monkeypatch.setattr(engine, "_prefill", failing)
+    doomed, fine = engine.submit(replace(BASE, seed=666)), engine.submit(replace(BASE, seed=12))
+    while not (doomed.done() and fine.done()):
+        engine.step()
+    with pytest.raises(torch.OutOfMemoryError):
+        doomed.result()
+    assert fine.result().finish_reason == "length"
+    assert engine.active_requests == 0
+
+
+def test_stopping_the_engine_fails_what_is_left(tiny_model_dir: Path) -> None:
+    small = GenerationEngine.from_model_dir(tiny_model_dir, "tiny", device="cpu", max_rows=2)
+    handle = small.submit(BASE)
+    small.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        handle.result(timeout=5)
