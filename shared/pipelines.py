@@ -6,7 +6,6 @@ Celery, Redis or the object store, so workers and one-shot runs share them.
 
 from __future__ import annotations
 
-import io
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -25,9 +24,8 @@ from shared.inpaint import (
     splice_audio,
     splice_tokens,
 )
-from shared.models.heartmula import CODEC_CODES
+from shared.tokens import InputError, check_tokens
 
-NUM_CODEBOOKS = 8
 # Share of a generate job's progress spent generating tokens; decoding takes the rest.
 GENERATE_SHARE = 0.8
 DECODE_STEPS = 10  # the reference's flow-matching steps for generated songs
@@ -35,14 +33,6 @@ DECODE_STEPS = 10  # the reference's flow-matching steps for generated songs
 
 class PipelineAborted(Exception):
     """The job's abort check said stop; nothing it produced should be kept."""
-
-
-class PipelineInputError(ValueError):
-    """A job input (tokens, audio) that the models cannot take; `field` names it."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 class Progress(Protocol):
@@ -65,18 +55,6 @@ class Song:
     audio: np.ndarray  # [2, T * 3840] float32, 48 kHz
     finish_reason: str
     seed: int
-
-
-def check_tokens(tokens: np.ndarray, field: str) -> np.ndarray:
-    """Tokens as the codec takes them ([8, T>=1] ints in the codec range) or a named error."""
-    if tokens.ndim != 2 or tokens.shape[0] != NUM_CODEBOOKS or tokens.shape[1] < 1:
-        shape = list(tokens.shape)
-        raise PipelineInputError(field, f"tokens must have shape [8, T>=1], got {shape}")
-    if not np.issubdtype(tokens.dtype, np.integer):
-        raise PipelineInputError(field, f"tokens must be integers, got {tokens.dtype}")
-    if tokens.min() < 0 or tokens.max() >= CODEC_CODES:
-        raise PipelineInputError(field, f"token ids must be in [0, {CODEC_CODES})")
-    return tokens.astype(np.int32)
 
 
 def decode_tokens(
@@ -195,7 +173,7 @@ def inpaint_song(
     crossfaded into the parent's audio; everything outside the gap is the parent's."""
     song_frames = parent_tokens.shape[1]
     if parent_audio.shape != (2, song_frames * SAMPLES_PER_FRAME):
-        raise PipelineInputError(
+        raise InputError(
             "source_job_id",
             f"the parent's audio has shape {list(parent_audio.shape)}, not "
             f"[2, {song_frames * SAMPLES_PER_FRAME}] for its {song_frames} frames",
@@ -229,19 +207,3 @@ def tokenize_audio(
     except EncodingAborted as error:
         raise PipelineAborted from error
     return check_tokens(tokens, "upload_id")
-
-
-def tokens_bytes(tokens: np.ndarray) -> bytes:
-    """[8, T] tokens → .npy bytes (int32)."""
-    buffer = io.BytesIO()
-    np.save(buffer, tokens.astype(np.int32), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def read_tokens(data: bytes, field: str) -> np.ndarray:
-    """.npy bytes → checked [8, T] int32 tokens, or a PipelineInputError naming `field`."""
-    try:
-        tokens = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError) as error:
-        raise PipelineInputError(field, f"not a .npy array: {error}") from error
-    return check_tokens(tokens, field)

@@ -757,3 +757,24 @@ def test_transcribe_takes_an_upload_or_a_songs_audio(client, keys, celery, song)
     both = {"upload_id": upload_id, "source_job_id": song}
     reply = submit(client, keys["acme"], {"type": "transcribe", "params": both})
     assert reply.status_code == 422 and reply.get_json()["error"]["field"] == "params.upload_id"
+
+
+def _nan_wav() -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(
+        buffer, np.full((4000, 2), np.nan, dtype=np.float32), 8000, format="WAV", subtype="FLOAT"
+    )
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [(_nan_wav(), "NaN"), (wav_bytes(0.5)[: len(wav_bytes(0.5)) // 3], "truncated")],
+)
+def test_uploads_are_decoded_whole_before_they_are_accepted(
+    client, keys, data: bytes, message: str
+) -> None:
+    reply = upload(client, keys["acme"], data, "take.wav")
+    assert reply.status_code == 422
+    error = reply.get_json()["error"]
+    assert error["field"] == "file" and message in error["message"]

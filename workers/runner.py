@@ -25,15 +25,12 @@ from shared.jobs import Job, JobStore, Upload, UploadStore
 from shared.lyrics import to_lrc, to_srt
 from shared.pipelines import (
     PipelineAborted,
-    PipelineInputError,
     Progress,
     Song,
     decode_tokens,
     generate_song,
     inpaint_song,
-    read_tokens,
     tokenize_audio,
-    tokens_bytes,
 )
 from shared.schemas import (
     AUDIO_ARTIFACTS,
@@ -45,6 +42,7 @@ from shared.schemas import (
     TranscribeParams,
 )
 from shared.storage import ObjectStore, artifact_key, content_type_for, job_prefix
+from shared.tokens import InputError, read_tokens, tokens_bytes
 from shared.transcribe import TranscriptionAborted
 from workers.models import WorkerModels
 from workers.progress import ProgressReporter
@@ -77,7 +75,7 @@ def _request(
     """The engine request of a song job (extend/inpaint carry their parent's tags and lyrics,
     filled in by the gateway)."""
     if params.tags is None:
-        raise PipelineInputError("tags", "no tags given and none inherited")
+        raise InputError("tags", "no tags given and none inherited")
     return GenerationRequest(
         tags=params.tags,
         lyrics=params.lyrics or "",
@@ -225,7 +223,7 @@ class JobRunner:
             else:
                 self._delete_artifacts(job)
                 self.jobs.mark_cancelled(job.id)
-        except (RequestError, PipelineInputError, AudioError, GapError) as error:
+        except (RequestError, InputError, AudioError, GapError) as error:
             self._end_failed(job, "invalid_params", str(error))
         except Exception as error:  # noqa: BLE001 (any failure ends the job with its reason)
             log.exception("job %s failed", job.id)
@@ -391,7 +389,7 @@ class JobRunner:
         found = [n for n in names if source is not None and n in source.artifacts]
         if source is None or not found:
             wanted = " or ".join(names)
-            raise PipelineInputError(field, f"no job {source_id} with {wanted} for this tenant")
+            raise InputError(field, f"no job {source_id} with {wanted} for this tenant")
         return source, found[0]
 
     def _job_tokens(self, job: Job, source_id: str | None, field: str) -> np.ndarray:
@@ -404,7 +402,7 @@ class JobRunner:
         data = self.objects.get_bytes(artifact_key(job.tenant, source.id, name))
         audio, rate = read_audio(data, name="source_job_id")
         if rate != SAMPLE_RATE or audio.shape[0] != 2:
-            raise PipelineInputError("source_job_id", f"{name} is not {SAMPLE_RATE} Hz stereo")
+            raise InputError("source_job_id", f"{name} is not {SAMPLE_RATE} Hz stereo")
         return audio
 
     def _encode(
@@ -474,7 +472,7 @@ class JobRunner:
     def _upload(self, job: Job, upload_id: str | None, field: str, kind: str) -> Upload:
         upload = None if upload_id is None else self.uploads.get_for_tenant(job.tenant, upload_id)
         if upload is None:
-            raise PipelineInputError(field, f"no upload {upload_id} for this tenant")
+            raise InputError(field, f"no upload {upload_id} for this tenant")
         if upload.kind != kind:
-            raise PipelineInputError(field, f"upload {upload_id} holds {upload.kind}, not {kind}")
+            raise InputError(field, f"upload {upload_id} holds {upload.kind}, not {kind}")
         return upload

@@ -5,8 +5,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import soundfile
 from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.utils import secure_filename
@@ -14,50 +12,34 @@ from werkzeug.utils import secure_filename
 from api.app import services
 from api.auth import authenticate, current_tenant
 from api.errors import ApiError
+from shared.audio import read_audio
 from shared.jobs import Upload, new_id
 from shared.schemas import upload_out
 from shared.storage import content_type_for, upload_key
+from shared.tokens import FRAMES_PER_SECOND, read_tokens
 
 bp = Blueprint("uploads", __name__, url_prefix="/v1/uploads")
 bp.before_request(authenticate)
-
-CODEBOOKS = 8
-CODEBOOK_SIZE = 8192  # valid codec codes are 0..8191
-FRAMES_PER_SECOND = 12.5
 
 
 def probe_audio(path: Path, max_seconds: float) -> tuple[float, int, int]:
     """(duration_s, sample_rate, channels) of an audio file; ValueError if it is not one.
 
-    Stand-in until shared/audio.py's read_audio lands: the one place uploads are judged audio.
+    The whole file is decoded (read_audio), so truncated files and non-finite samples are
+    refused here rather than when a worker reads them.
     """
-    try:
-        info = soundfile.info(str(path))
-    except RuntimeError as error:  # soundfile's errors derive from it
-        raise ValueError(f"not a readable audio file ({error})") from None
-    if info.frames <= 0 or info.samplerate <= 0:
-        raise ValueError("the audio file holds no samples")
-    duration = info.frames / info.samplerate
-    if duration > max_seconds:
-        raise ValueError(f"audio is {duration:.1f} s long; at most {max_seconds:g} s allowed")
-    return duration, info.samplerate, info.channels
+    audio, rate = read_audio(path, max_seconds, name=path.name)
+    return audio.shape[1] / rate, rate, audio.shape[0]
 
 
 def probe_tokens(path: Path, max_seconds: float) -> float:
-    """Duration in seconds of a tokens .npy: integer codes, shape [8, T]; ValueError if not."""
-    try:
-        codes = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as error:
-        raise ValueError(f"not a .npy array ({error})") from None
-    if codes.ndim != 2 or codes.shape[0] != CODEBOOKS or codes.shape[1] == 0:
-        raise ValueError(f"tokens must have shape [{CODEBOOKS}, T>0], got {list(codes.shape)}")
-    if not np.issubdtype(codes.dtype, np.integer):
-        raise ValueError(f"tokens must be integers, got {codes.dtype}")
-    if codes.min() < 0 or codes.max() >= CODEBOOK_SIZE:
-        raise ValueError(f"token values must be 0..{CODEBOOK_SIZE - 1}")
+    """Duration in seconds of a tokens .npy ([8, T] codec codes); ValueError if not one."""
+    codes = read_tokens(path.read_bytes(), path.name)
     duration = codes.shape[1] / FRAMES_PER_SECOND
     if duration > max_seconds:
-        raise ValueError(f"tokens span {duration:.1f} s; at most {max_seconds:g} s allowed")
+        raise ValueError(
+            f"{path.name}: tokens span {duration:.1f} s; at most {max_seconds:g} s allowed"
+        )
     return duration
 
 
@@ -92,7 +74,7 @@ def create_upload() -> ResponseReturnValue:
                 kind = "audio"
                 duration, sample_rate, channels = probe_audio(path, settings.max_upload_seconds)
         except ValueError as error:
-            raise ApiError(422, "invalid_file", f"{filename}: {error}", "file") from None
+            raise ApiError(422, "invalid_file", str(error), "file") from None
         upload_id = new_id()
         key = upload_key(current_tenant(), upload_id, filename)
         svc.store.put_file(key, path, content_type=content_type_for(filename))
