@@ -40,7 +40,34 @@ def _limits(info: ValidationInfo) -> Settings:
     return context.get("settings") or Settings()
 
 
-class GenerateParams(_Params):
+class _PromptParams(_Params):
+    """Tag-count and lyrics-length limits for every job type that takes a prompt."""
+
+    @field_validator("tags", check_fields=False)
+    @classmethod
+    def _tags(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:  # extend/inpaint: the parent job's tags
+            return None
+        tags = [tag.strip() for tag in value.split(",") if tag.strip()]
+        if not tags:
+            raise ValueError("give at least one tag")
+        limit = _limits(info).max_tags
+        if len(tags) > limit:
+            raise ValueError(f"{len(tags)} tags given; at most {limit} allowed")
+        return ",".join(tags)
+
+    @field_validator("lyrics", check_fields=False)
+    @classmethod
+    def _lyrics(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:  # extend/inpaint: the parent job's lyrics
+            return None
+        limit = _limits(info).max_lyrics_chars
+        if len(value) > limit:
+            raise ValueError(f"lyrics are {len(value)} characters; at most {limit} allowed")
+        return value
+
+
+class GenerateParams(_PromptParams):
     tags: str = Field(
         min_length=1,
         description="Comma-separated style tags, e.g. 'piano,happy' "
@@ -60,29 +87,6 @@ class GenerateParams(_Params):
         None, ge=0, le=SEED_MAX, description="Omit to let the worker pick one (recorded)."
     )
     format: AudioFormat = "flac"
-
-    @field_validator("tags")
-    @classmethod
-    def _tags(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:  # extend/inpaint: the parent job's tags
-            return None
-        tags = [tag.strip() for tag in value.split(",") if tag.strip()]
-        if not tags:
-            raise ValueError("give at least one tag")
-        limit = _limits(info).max_tags
-        if len(tags) > limit:
-            raise ValueError(f"{len(tags)} tags given; at most {limit} allowed")
-        return ",".join(tags)
-
-    @field_validator("lyrics")
-    @classmethod
-    def _lyrics(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is None:  # extend/inpaint: the parent job's lyrics
-            return None
-        limit = _limits(info).max_lyrics_chars
-        if len(value) > limit:
-            raise ValueError(f"lyrics are {len(value)} characters; at most {limit} allowed")
-        return value
 
     @field_validator("duration_s")
     @classmethod
@@ -137,7 +141,7 @@ class ExtendParams(GenerateParams):
         return _second_source(value, info, "source_job_id")
 
 
-class InpaintParams(_Params):
+class InpaintParams(_PromptParams):
     """Regenerate [start_s, end_s) of a finished song; everything else stays as it was."""
 
     source_job_id: str = Field(min_length=1)

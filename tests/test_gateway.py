@@ -778,3 +778,21 @@ def test_uploads_are_decoded_whole_before_they_are_accepted(
     assert reply.status_code == 422
     error = reply.get_json()["error"]
     assert error["field"] == "file" and message in error["message"]
+
+
+def test_extend_past_the_context_is_refused_at_submit(client, keys, celery, jobs, store) -> None:
+    job_id = submit(client, keys["acme"]).get_json()["id"]
+    long_song = npy_bytes(np.zeros((8, 8000), dtype=np.int32))
+    finish(jobs, store, "acme", job_id, {"tokens.npy": long_song, "audio.flac": b"f"})
+    body = {"type": "extend", "params": {"source_job_id": job_id, "duration_s": 20.0}}
+    reply = submit(client, keys["acme"], body)
+    assert reply.status_code == 422
+    error = reply.get_json()["error"]
+    assert error["field"] == "params.duration_s" and "8000 frames" in error["message"]
+    assert len(celery.sent) == 1
+
+
+def test_inpaint_prompts_obey_the_same_limits(client, keys, celery, song) -> None:
+    params = {"source_job_id": song, "start_s": 1.0, "end_s": 2.0, "lyrics": "la " * 40}
+    reply = submit(client, keys["acme"], {"type": "inpaint", "params": params})
+    assert reply.status_code == 422 and reply.get_json()["error"]["field"] == "params.lyrics"

@@ -15,7 +15,7 @@ from api.app import services
 from api.auth import authenticate, current_tenant
 from api.errors import ApiError
 from shared.inpaint import GapError, plan_gap
-from shared.jobs import STATES, Job
+from shared.jobs import STATES, Job, Upload
 from shared.queueing import enqueue, revoke
 from shared.schemas import (
     AUDIO_ARTIFACTS,
@@ -30,11 +30,14 @@ from shared.schemas import (
     parse_submit,
 )
 from shared.storage import ObjectNotFound, artifact_key, content_type_for
+from shared.tokens import FRAMES_PER_SECOND
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 bp.before_request(authenticate)
 
 MAX_PAGE = 200
+CONTEXT_POSITIONS = 8192  # HeartMuLa's context: prompt + song frames
+MIN_PROMPT_ROWS = 6  # BOS <tags> EOS, the muq slot, BOS EOS: the shortest possible prompt
 SSE_KEEPALIVE_S = 15.0
 
 
@@ -76,6 +79,21 @@ def _song_frames(source: Job) -> int:
     return int(np.load(io.BytesIO(data), allow_pickle=False).shape[1])
 
 
+def _check_extension_fits(song_frames: int, params: ExtendParams) -> None:
+    """Refuse at once what cannot fit the model's context (the worker re-checks exactly,
+    with the real prompt length)."""
+    new_frames = round(params.duration_s * 1000) // 80
+    room = CONTEXT_POSITIONS - MIN_PROMPT_ROWS - song_frames
+    if new_frames > room:
+        raise ApiError(
+            422,
+            "invalid_params",
+            f"the song has {song_frames} frames; with the prompt at most {max(room, 0)} new "
+            f"frames ({max(room, 0) * 0.08:.2f} s) fit the {CONTEXT_POSITIONS}-position context",
+            "params.duration_s",
+        )
+
+
 def _inherit_prompt(params: Any, parent: Job | None) -> None:
     """Extend/inpaint: tags and lyrics default to the parent job's."""
     inherited = parent.params if parent is not None else {}
@@ -98,6 +116,8 @@ def _check_inputs(tenant: str, params: Any) -> Job | None:
     parent = None
     if isinstance(params, DecodeParams | ExtendParams) and source_id is not None:
         parent = _source_job(tenant, source_id, "params.source_job_id", ("tokens.npy",))
+        if isinstance(params, ExtendParams):
+            _check_extension_fits(_song_frames(parent), params)
     elif isinstance(params, InpaintParams):
         parent = _source_job(
             tenant, source_id, "params.source_job_id", ("tokens.npy",), AUDIO_ARTIFACTS
@@ -111,13 +131,15 @@ def _check_inputs(tenant: str, params: Any) -> Job | None:
     if isinstance(params, DecodeParams) and source_id is None:
         _upload_of_kind(tenant, params.tokens_upload_id, "tokens", "params.tokens_upload_id")
     if isinstance(params, EncodeParams | ExtendParams | TranscribeParams) and params.upload_id:
-        _upload_of_kind(tenant, params.upload_id, "audio", "params.upload_id")
+        upload = _upload_of_kind(tenant, params.upload_id, "audio", "params.upload_id")
+        if isinstance(params, ExtendParams):
+            _check_extension_fits(int(upload.duration_s * FRAMES_PER_SECOND) + 1, params)
     if isinstance(params, ExtendParams | InpaintParams):
         _inherit_prompt(params, parent)
     return parent
 
 
-def _upload_of_kind(tenant: str, upload_id: str | None, kind: str, field: str) -> None:
+def _upload_of_kind(tenant: str, upload_id: str | None, kind: str, field: str) -> Upload:
     upload = services().uploads.get_for_tenant(tenant, upload_id or "")
     if upload is None:
         raise ApiError(404, "not_found", f"no upload {upload_id}", field)
@@ -125,6 +147,7 @@ def _upload_of_kind(tenant: str, upload_id: str | None, kind: str, field: str) -
         raise ApiError(
             422, "invalid_params", f"upload {upload.id} is {upload.kind}, not {kind}", field
         )
+    return upload
 
 
 @bp.post("")
