@@ -35,6 +35,10 @@ class PipelineAborted(Exception):
     """The job's abort check said stop; nothing it produced should be kept."""
 
 
+class NothingGenerated(RuntimeError):
+    """The model ended the song (audio EOS) before its first new frame."""
+
+
 class Progress(Protocol):
     def __call__(
         self,
@@ -105,7 +109,9 @@ def _generate_tokens(
     if result.finish_reason == "aborted":
         raise PipelineAborted
     if result.tokens.shape[1] == 0:
-        raise RuntimeError("the model ended the song before its first frame (audio EOS)")
+        raise NothingGenerated(
+            "the model ended the song before its first new frame (audio EOS); try another seed"
+        )
     return result
 
 

@@ -344,3 +344,22 @@ def test_a_release_that_cannot_be_queued_fails_the_waiting_job(
     runner.run(parent.id)  # already succeeded: only releases what waits on it
     final = runner.jobs.get(extend.id)
     assert final.state == "failed" and final.error["code"] == "enqueue_failed"
+
+
+def test_a_song_ended_before_its_first_frame_fails_saying_so(runner: JobRunner) -> None:
+    from shared.models.heartmula import AUDIO_EOS_ID
+
+    def always_eos(_module, _inputs, logits):
+        logits = logits.clone()
+        logits[:, AUDIO_EOS_ID] = 1e4
+        return logits
+
+    hook = runner.models.engine().model.codebook0_head.register_forward_hook(always_eos)
+    try:
+        job = _new(runner, "generate", SHORT)
+        runner.run(job.id)
+    finally:
+        hook.remove()
+    final = runner.jobs.get(job.id)
+    assert final.state == "failed" and final.error["code"] == "nothing_generated"
+    assert _stored(runner, job) == []

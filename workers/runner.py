@@ -24,6 +24,7 @@ from shared.inpaint import GapError, plan_gap
 from shared.jobs import Job, JobStore, Upload, UploadStore
 from shared.lyrics import to_lrc, to_srt
 from shared.pipelines import (
+    NothingGenerated,
     PipelineAborted,
     Progress,
     Song,
@@ -225,6 +226,8 @@ class JobRunner:
                 self.jobs.mark_cancelled(job.id)
         except (RequestError, InputError, AudioError, GapError) as error:
             self._end_failed(job, "invalid_params", str(error))
+        except NothingGenerated as error:
+            self._end_failed(job, "nothing_generated", str(error))
         except Exception as error:  # noqa: BLE001 (any failure ends the job with its reason)
             log.exception("job %s failed", job.id)
             self._end_failed(job, "internal_error", f"{type(error).__name__}: {error}")
