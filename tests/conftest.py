@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +121,16 @@ _AWS_ENV = {
     "AWS_SESSION_TOKEN": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every tiny model (HeartMuLa, codec, encoder, transcriber), written once per session.
+
+    Tests must not change it: copy a folder first to break it on purpose.
+    """
+    from shared.models.tiny import write_tiny_models
+
+    model_dir = tmp_path_factory.mktemp("tiny-models")
+    write_tiny_models(model_dir, seed=0)
+    return model_dir

@@ -24,23 +24,12 @@ from shared.codec.decoder import (
     load_codec,
     plan_windows,
 )
-from shared.codec.tiny import write_tiny_codec
 from shared.models.checkpoint import INDEX_NAME, CheckpointError
-from shared.models.tiny import write_tiny_models
+from tests.support.reference import official_shapes
 
-OFFICIAL_KEYS = Path(__file__).parent / "data" / "heartcodec_keys.txt"
 FRAME = 3840
 OVERLAP_SAMPLES = 199_680  # 4.16 s at 48 kHz
 STEPS = 2  # enough to exercise the solver; tests stay fast
-
-
-def _official_shapes() -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for line in OFFICIAL_KEYS.read_text().splitlines():
-        name, rest = line.split(" ", 1)
-        shape = rest.rsplit(" ", 1)[0].strip("()").rstrip(",")
-        shapes[name] = tuple(int(d) for d in shape.split(",") if d.strip())
-    return shapes
 
 
 def _codes(frames: int, seed: int = 0) -> np.ndarray:
@@ -48,19 +37,12 @@ def _codes(frames: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def codec_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model_dir = tmp_path_factory.mktemp("codec")
-    write_tiny_codec(model_dir, seed=0)
-    return model_dir
+def decoder(tiny_model_dir: Path) -> HeartCodecDecoder:
+    return load_codec(tiny_model_dir, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def decoder(codec_dir: Path) -> HeartCodecDecoder:
-    return load_codec(codec_dir, device="cpu")
-
-
-def _copy_folder(codec_dir: Path, tmp_path: Path) -> Path:
-    shutil.copytree(codec_dir / CODEC_FOLDER, tmp_path / CODEC_FOLDER)
+def _copy_folder(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    shutil.copytree(tiny_model_dir / CODEC_FOLDER, tmp_path / CODEC_FOLDER)
     return tmp_path / CODEC_FOLDER
 
 
@@ -270,18 +252,18 @@ def test_official_config_builds_every_official_tensor_name_and_shape() -> None:
     with torch.device("meta"):
         model = HeartCodec(HeartCodecConfig())
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert ours == _official_shapes()
+    assert ours == official_shapes("heartcodec_keys.txt")
 
 
 def test_tiny_folder_uses_official_names_and_loads_the_written_weights(
-    codec_dir: Path, decoder: HeartCodecDecoder
+    tiny_model_dir: Path, decoder: HeartCodecDecoder
 ) -> None:
-    folder = codec_dir / CODEC_FOLDER
+    folder = tiny_model_dir / CODEC_FOLDER
     assert len(list(folder.glob("model-*-of-00002.safetensors"))) == 2
     stored = {}
     for shard in folder.glob("*.safetensors"):
         stored.update(load_file(str(shard)))
-    assert set(stored) <= set(_official_shapes())
+    assert set(stored) <= set(official_shapes("heartcodec_keys.txt"))
     assert stored["flow_matching.vq_embed.layers.0._codebook.initted"].shape == ()
     state = decoder.model.state_dict()
     assert set(state) == set(stored)
@@ -294,24 +276,24 @@ def test_missing_folder_is_named(tmp_path: Path) -> None:
         load_codec(tmp_path, device="cpu")
 
 
-def test_missing_tensor_is_named(codec_dir: Path, tmp_path: Path) -> None:
+def test_missing_tensor_is_named(tiny_model_dir: Path, tmp_path: Path) -> None:
     key = "scalar_model.decoder.3.convs.2.conv1.parametrizations.weight.original1"
-    _edit_tensor(_copy_folder(codec_dir, tmp_path), key, None)
+    _edit_tensor(_copy_folder(tiny_model_dir, tmp_path), key, None)
     with pytest.raises(CheckpointError, match=f"missing tensor.*{key}"):
         load_codec(tmp_path, device="cpu")
 
 
-def test_misshaped_tensor_is_named(codec_dir: Path, tmp_path: Path) -> None:
+def test_misshaped_tensor_is_named(tiny_model_dir: Path, tmp_path: Path) -> None:
     key = "flow_matching.estimator.transformer_blocks.1.attn.q_proj.weight"
-    _edit_tensor(_copy_folder(codec_dir, tmp_path), key, torch.zeros(32, 31))
+    _edit_tensor(_copy_folder(tiny_model_dir, tmp_path), key, torch.zeros(32, 31))
     with pytest.raises(CheckpointError, match=f"{key} has shape \\(32, 31\\)"):
         load_codec(tmp_path, device="cpu")
 
 
 def test_initted_stored_with_shape_1_loads(
-    codec_dir: Path, tmp_path: Path, decoder: HeartCodecDecoder
+    tiny_model_dir: Path, tmp_path: Path, decoder: HeartCodecDecoder
 ) -> None:
-    folder = _copy_folder(codec_dir, tmp_path)
+    folder = _copy_folder(tiny_model_dir, tmp_path)
     for k in range(8):
         key = f"flow_matching.vq_embed.layers.{k}._codebook.initted"
         _edit_tensor(folder, key, torch.ones(1, dtype=torch.bool))
@@ -324,38 +306,33 @@ def test_initted_stored_with_shape_1_loads(
     )
 
 
-def test_other_dtype_on_request(codec_dir: Path) -> None:
-    assert load_codec(codec_dir, device="cpu", dtype="bf16").dtype == torch.bfloat16
+def test_other_dtype_on_request(tiny_model_dir: Path) -> None:
+    assert load_codec(tiny_model_dir, device="cpu", dtype="bf16").dtype == torch.bfloat16
 
 
 # ----- CLI ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model_dir = tmp_path_factory.mktemp("models")
-    write_tiny_models(model_dir, seed=0)
-    return model_dir
-
-
-def test_cli_decode_writes_flac_of_the_tokens_duration(model_dir: Path, tmp_path: Path) -> None:
+def test_cli_decode_writes_flac_of_the_tokens_duration(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     np.save(tmp_path / "tokens.npy", _codes(25).astype(np.int16))
     out = tmp_path / "song.flac"
     args = ["decode", str(tmp_path / "tokens.npy"), "--out", str(out), "--steps", "2"]
-    assert cli_main([*args, "--model-dir", str(model_dir), "--device", "cpu"]) == 0
+    assert cli_main([*args, "--model-dir", str(tiny_model_dir), "--device", "cpu"]) == 0
     audio, rate = read_audio(out)
     assert rate == 48_000 and audio.shape == (2, 25 * FRAME)
 
 
-def test_cli_decode_refuses_unknown_format(model_dir: Path, tmp_path: Path) -> None:
+def test_cli_decode_refuses_unknown_format(tiny_model_dir: Path, tmp_path: Path) -> None:
     np.save(tmp_path / "tokens.npy", _codes(5))
     args = ["decode", str(tmp_path / "tokens.npy"), "--out", str(tmp_path / "x.ogg")]
-    assert cli_main([*args, "--model-dir", str(model_dir)]) == 2
+    assert cli_main([*args, "--model-dir", str(tiny_model_dir)]) == 2
 
 
-def test_cli_generate_writes_audio_and_tokens(model_dir: Path, tmp_path: Path) -> None:
+def test_cli_generate_writes_audio_and_tokens(tiny_model_dir: Path, tmp_path: Path) -> None:
     out, tokens = tmp_path / "song.wav", tmp_path / "tokens.npy"
-    args = ["generate", "--model-dir", str(model_dir), "--tags", "piano", "--duration", "0.5"]
+    args = ["generate", "--model-dir", str(tiny_model_dir), "--tags", "piano", "--duration", "0.5"]
     args += ["--device", "cpu", "--out", str(out), "--tokens-out", str(tokens), "--steps", "1"]
     args += ["--no-loop-padding"]
     assert cli_main(args) == 0

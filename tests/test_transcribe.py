@@ -29,7 +29,6 @@ from shared.transcribe import (
     TranscriptionAborted,
     load_transcriber,
 )
-from shared.transcribe_tiny import write_tiny_transcriber
 
 LRC_LINE = re.compile(r"^\[(\d{2,}):([0-5]\d)\.(\d{2})\] \S.*$")
 SRT_TIME = r"(\d{2}):([0-5]\d):([0-5]\d),(\d{3})"
@@ -37,16 +36,9 @@ SRT_TIMES = re.compile(rf"^{SRT_TIME} --> {SRT_TIME}$")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("transcriber")
-    write_tiny_transcriber(folder, seed=0)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def transcriber(model_dir: Path) -> Transcriber:
+def transcriber(tiny_model_dir: Path) -> Transcriber:
     # Few new tokens keep the random model (which never says "end") fast.
-    return load_transcriber(model_dir, device="cpu", batch_size=2, max_new_tokens=16)
+    return load_transcriber(tiny_model_dir, device="cpu", batch_size=2, max_new_tokens=16)
 
 
 def _noise(seconds: float, rate: int, channels: int, seed: int = 0) -> np.ndarray:
@@ -188,9 +180,9 @@ def test_missing_or_broken_checkpoint(tmp_path: Path) -> None:
         load_transcriber(tmp_path, device="cpu")
 
 
-def test_checkpoint_without_timestamp_tokens(model_dir: Path, tmp_path: Path) -> None:
+def test_checkpoint_without_timestamp_tokens(tiny_model_dir: Path, tmp_path: Path) -> None:
     copy = tmp_path / TRANSCRIBER_FOLDER
-    shutil.copytree(model_dir / TRANSCRIBER_FOLDER, copy)
+    shutil.copytree(tiny_model_dir / TRANSCRIBER_FOLDER, copy)
     config = json.loads((copy / "generation_config.json").read_text())
     del config["no_timestamps_token_id"]
     (copy / "generation_config.json").write_text(json.dumps(config))
@@ -276,12 +268,12 @@ def test_words_round_trip_through_json() -> None:
     assert Transcript.from_json(data) == transcript
 
 
-def test_cli_writes_transcript_lrc_and_srt(model_dir: Path, tmp_path: Path) -> None:
+def test_cli_writes_transcript_lrc_and_srt(tiny_model_dir: Path, tmp_path: Path) -> None:
     song = tmp_path / "song.flac"
     sf.write(song, _noise(3, 48_000, 2).T, 48_000)
     out, lrc, srt = tmp_path / "t.json", tmp_path / "t.lrc", tmp_path / "t.srt"
     args = ["transcribe", str(song), "--out", str(out), "--lrc", str(lrc), "--srt", str(srt)]
-    options = ["--model-dir", str(model_dir), "--device", "cpu", "--max-new-tokens", "16"]
+    options = ["--model-dir", str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "16"]
     torch.manual_seed(0)
     assert main([*args, *options]) == 0
     data = json.loads(out.read_text())
@@ -294,12 +286,14 @@ def test_cli_writes_transcript_lrc_and_srt(model_dir: Path, tmp_path: Path) -> N
 
 
 def test_cli_refuses_non_audio_and_a_missing_model(
-    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     bad = tmp_path / "notes.flac"
     bad.write_text("these are lyrics, not audio")
     out = tmp_path / "t.json"
-    assert main(["transcribe", str(bad), "--out", str(out), "--model-dir", str(model_dir)]) == 2
+    assert (
+        main(["transcribe", str(bad), "--out", str(out), "--model-dir", str(tiny_model_dir)]) == 2
+    )
     assert f"{bad}: not a readable audio file" in capsys.readouterr().err
     assert not out.exists()
 

@@ -25,16 +25,14 @@ ENQUEUED: list[Job] = []  # jobs the runner released (dependents of finished job
 
 
 @pytest.fixture(scope="module")
-def runner(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobRunner]:
-    from shared.models.tiny import write_tiny_models
-
-    model_dir = tmp_path_factory.mktemp("tiny-models")
-    write_tiny_models(model_dir)
+def runner(
+    redis_url: str, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[JobRunner]:
     root = tmp_path_factory.mktemp("runner")
     settings = Settings.from_env(
         {
             "HEARTCLUSTER_REDIS_URL": f"{redis_url.rsplit('/', 1)[0]}/3",
-            "HEARTCLUSTER_MODEL_DIR": str(model_dir),
+            "HEARTCLUSTER_MODEL_DIR": str(tiny_model_dir),
             "HEARTCLUSTER_DATA_DIR": str(root),
             "HEARTCLUSTER_DEVICE": "cpu",
             "HEARTCLUSTER_ENGINE_MAX_ROWS": "2",

@@ -97,15 +97,6 @@ class Cluster:
         )
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from shared.models.tiny import write_tiny_models
-
-    path = tmp_path_factory.mktemp("tiny-models")
-    write_tiny_models(path)
-    return path
-
-
 def _start_cluster(env_overrides: dict[str, str], root: Path) -> Iterator[Cluster]:
     """The cluster exactly as `heartcluster up` starts it, on the given services."""
     env = {**os.environ, **env_overrides}
@@ -129,10 +120,10 @@ def _start_cluster(env_overrides: dict[str, str], root: Path) -> Iterator[Cluste
         client.close()
 
 
-def _base_env(redis_url: str, db: int, model_dir: Path) -> dict[str, str]:
+def _base_env(redis_url: str, db: int, tiny_model_dir: Path) -> dict[str, str]:
     return {
         "HEARTCLUSTER_REDIS_URL": f"{redis_url.rsplit('/', 1)[0]}/{db}",
-        "HEARTCLUSTER_MODEL_DIR": str(model_dir),
+        "HEARTCLUSTER_MODEL_DIR": str(tiny_model_dir),
         "HEARTCLUSTER_DEVICE": "cpu",
         "HEARTCLUSTER_ENGINE_MAX_ROWS": str(ENGINE_ROWS),
     }
@@ -140,14 +131,14 @@ def _base_env(redis_url: str, db: int, model_dir: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def s3_cluster(
-    redis_url: str, s3_endpoint: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    redis_url: str, s3_endpoint: str, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     """Artifacts in S3 (moto)."""
     root = tmp_path_factory.mktemp("s3-cluster")
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
         Bucket="heartcluster-test"
     )
-    env = _base_env(redis_url, 1, model_dir)
+    env = _base_env(redis_url, 1, tiny_model_dir)
     env["HEARTCLUSTER_STORAGE_URL"] = "s3://heartcluster-test/artifacts"
     env["HEARTCLUSTER_S3_ENDPOINT_URL"] = s3_endpoint
     yield from _start_cluster(env, root)
@@ -155,11 +146,11 @@ def s3_cluster(
 
 @pytest.fixture(scope="session")
 def local_cluster(
-    redis_url: str, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    redis_url: str, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     """Artifacts in a local directory."""
     root = tmp_path_factory.mktemp("local-cluster")
-    env = _base_env(redis_url, 2, model_dir)
+    env = _base_env(redis_url, 2, tiny_model_dir)
     env["HEARTCLUSTER_STORAGE_URL"] = (root / "artifacts").as_uri()
     yield from _start_cluster(env, root)
 

@@ -1,4 +1,4 @@
-"""Fixtures for the model layer: one tiny model directory per test session."""
+"""Fixtures for the model layer: one engine per module over the session's tiny models."""
 
 from __future__ import annotations
 
@@ -7,14 +7,6 @@ from pathlib import Path
 import pytest
 
 from shared.generation.engine import GenerationEngine
-from shared.models.tiny import write_tiny_models
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model_dir = tmp_path_factory.mktemp("models")
-    write_tiny_models(model_dir, seed=0)
-    return model_dir
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ from shared.models.heartmula import (
     load_heartmula,
 )
 from shared.models.tiny import random_heartmula
+from tests.support.reference import official_shapes
 
-OFFICIAL_KEYS = Path(__file__).parents[1] / "data" / "heartmula_keys.txt"
 OFFICIAL_CONFIG = {
     "backbone_flavor": "llama-3B",
     "decoder_flavor": "llama-300M",
@@ -31,22 +31,13 @@ OFFICIAL_CONFIG = {
 }
 
 
-def _official_shapes() -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for line in OFFICIAL_KEYS.read_text().splitlines():
-        name, rest = line.split(" ", 1)
-        shape = rest.rsplit(" ", 1)[0].strip("()").rstrip(",")
-        shapes[name] = tuple(int(d) for d in shape.split(",") if d.strip())
-    return shapes
-
-
 def test_official_config_builds_every_official_tensor_name_and_shape() -> None:
     config = HeartMuLaConfig.from_dict(OFFICIAL_CONFIG)
     assert config.backbone == FLAVORS["llama-3B"] and config.decoder == FLAVORS["llama-300M"]
     with torch.device("meta"):
         model = HeartMuLa(config)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert ours == _official_shapes()
+    assert ours == official_shapes("heartmula_keys.txt")
 
 
 def test_unknown_flavor_without_sizes_is_refused() -> None:
