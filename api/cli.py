@@ -87,9 +87,6 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     from shared.audio import format_for_path
     from shared.models.checkpoint import CheckpointError
 
-    if not args.model_dir:
-        print("error: --model-dir (or HEARTCLUSTER_MODEL_DIR) is required", file=sys.stderr)
-        return 2
     try:
         format_for_path(args.out)
         codes = np.load(args.tokens)
@@ -188,9 +185,6 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
     from shared.codec.local import encode_file
 
-    if not args.model_dir:
-        print("error: pass --model-dir or set HEARTCLUSTER_MODEL_DIR", file=sys.stderr)
-        return 2
     try:
         tokens = encode_file(Path(args.model_dir), Path(args.audio), args.device, args.dtype)
     except ValueError as error:  # unreadable audio, or a missing/mismatched CheckpointError
@@ -210,9 +204,6 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
     from shared.lyrics import to_lrc, to_srt
     from shared.transcribe import load_transcriber
 
-    if not args.model_dir:
-        print("error: pass --model-dir or set HEARTCLUSTER_MODEL_DIR", file=sys.stderr)
-        return 2
     try:
         # The audio is checked before the model loads, so a bad file fails at once.
         audio, rate = read_audio(Path(args.audio), name=args.audio)
@@ -250,6 +241,18 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_options(parser: argparse.ArgumentParser, holds: str) -> None:
+    """--model-dir (required unless HEARTCLUSTER_MODEL_DIR is set) and --device."""
+    default = os.environ.get("HEARTCLUSTER_MODEL_DIR")
+    parser.add_argument(
+        "--model-dir",
+        default=default,
+        required=default is None,
+        help=f"folder holding {holds} (default: $HEARTCLUSTER_MODEL_DIR)",
+    )
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heartcluster", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -264,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(handler=_cmd_models_tiny)
 
     gen = commands.add_parser("generate", help="generate in this process (no cluster)")
-    gen.add_argument("--model-dir", required=True)
+    _model_options(gen, "HeartMuLa-oss-VERSION/, tokenizer.json, gen_config.json")
     gen.add_argument(
         "--model-version",
         default=None,
@@ -278,7 +281,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--cfg-scale", type=float, default=1.5)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--history", help="tokens.npy [8, T] to continue from")
-    gen.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     gen.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: per device)")
     gen.add_argument(
         "--out", required=True, help="tokens (.npy) or audio (.flac, .wav, .mp3) to write"
@@ -298,25 +300,15 @@ def build_parser() -> argparse.ArgumentParser:
     dec = commands.add_parser("decode", help="decode tokens.npy [8, T] to audio in this process")
     dec.add_argument("tokens", help="tokens.npy, int array [8, T]")
     dec.add_argument("--out", required=True, help="audio file: .flac, .wav or .mp3")
-    dec.add_argument(
-        "--model-dir",
-        default=os.environ.get("HEARTCLUSTER_MODEL_DIR"),
-        help="folder holding HeartCodec-oss/ (default: $HEARTCLUSTER_MODEL_DIR)",
-    )
+    _model_options(dec, "HeartCodec-oss/")
     dec.add_argument("--seed", type=int, default=0, help="decoding noise seed")
-    dec.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     _add_decode_options(dec)
     dec.set_defaults(handler=_cmd_decode)
 
     enc = commands.add_parser("encode", help="audio file → tokens.npy [8, T] in this process")
     enc.add_argument("audio", help="WAV, FLAC, OGG or MP3 file")
     enc.add_argument("--out", required=True, help="tokens.npy to write")
-    enc.add_argument(
-        "--model-dir",
-        default=os.environ.get("HEARTCLUSTER_MODEL_DIR"),
-        help="holds HeartCodec-oss-encoder/ and HeartCodec-oss/ (default: $HEARTCLUSTER_MODEL_DIR)",
-    )
-    enc.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    _model_options(enc, "HeartCodec-oss-encoder/ and HeartCodec-oss/")
     enc.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: fp32)")
     enc.set_defaults(handler=_cmd_encode)
 
@@ -325,17 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="transcript.json to write")
     tr.add_argument("--lrc", help="also write LRC lyrics ([mm:ss.xx] lines)")
     tr.add_argument("--srt", help="also write SRT subtitles")
-    tr.add_argument(
-        "--model-dir",
-        default=os.environ.get("HEARTCLUSTER_MODEL_DIR"),
-        help="holds HeartTranscriptor-oss/ (default: $HEARTCLUSTER_MODEL_DIR)",
-    )
+    _model_options(tr, "HeartTranscriptor-oss/")
     tr.add_argument("--language", default=None, help="e.g. en, zh (default: detected per chunk)")
     tr.add_argument("--batch-size", type=int, default=16, help="30 s chunks decoded at once")
     tr.add_argument(
         "--max-new-tokens", type=int, default=256, help="most tokens decoded per 30 s window"
     )
-    tr.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     tr.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: per device)")
     tr.set_defaults(handler=_cmd_transcribe)
 
