@@ -28,7 +28,6 @@ import torch
 from shared.generation.sampling import RowSampling, TokenSampler
 from shared.models.checkpoint import resolve_device, resolve_dtype
 from shared.models.heartmula import (
-    AUDIO_EOS_ID,
     CODEC_CODES,
     HeartMuLa,
     heartmula_folder,
@@ -160,14 +159,20 @@ class GenerationEngine:
         max_rows: int = 16,
         max_seq_len: int | None = None,
     ) -> None:
+        config = model.config
+        self.eos_id = prompts.gen_config.audio_eos_id  # gen_config.json, 8193 when official
+        if not CODEC_CODES < self.eos_id < config.audio_vocab_size:
+            raise ValueError(
+                f"gen_config.json: audio_eos_id {self.eos_id} must lie between the codec codes "
+                f"(< {CODEC_CODES}) and the audio vocabulary size {config.audio_vocab_size}"
+            )
         self.model = model
         self.prompts = prompts
         self.max_rows = max_rows
         model.setup_caches(max_rows, max_seq_len)
         self.context = model.backbone.cache_len
-        config = model.config
-        invalid = [CODEC_CODES, *range(AUDIO_EOS_ID + 1, config.audio_vocab_size)]
-        self.sampler = TokenSampler(config.audio_vocab_size, invalid, AUDIO_EOS_ID, model.device)
+        invalid = [CODEC_CODES, *range(self.eos_id + 1, config.audio_vocab_size)]
+        self.sampler = TokenSampler(config.audio_vocab_size, invalid, self.eos_id, model.device)
         self.hidden = torch.zeros(
             max_rows, config.backbone.embed_dim, dtype=model.dtype, device=model.device
         )
@@ -398,7 +403,7 @@ class GenerationEngine:
 
     def _record_frame(self, run: _Running, frame: np.ndarray) -> None:
         job = run.job
-        if (frame >= AUDIO_EOS_ID).any():
+        if (frame >= self.eos_id).any():
             self._finish(run, "eos")
             return
         job.frames.append(frame)

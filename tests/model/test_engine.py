@@ -288,3 +288,16 @@ def test_stopping_the_engine_fails_what_is_left(tiny_model_dir: Path) -> None:
     small.stop()
     with pytest.raises(RuntimeError, match="stopped"):
         handle.result(timeout=5)
+
+
+def test_an_audio_eos_id_inside_the_codec_range_is_refused(tiny_model_dir: Path) -> None:
+    from shared.models.heartmula import load_heartmula
+    from shared.models.prompt import PromptBuilder
+
+    builder = PromptBuilder.from_model_dir(tiny_model_dir)
+    builder = PromptBuilder(builder.tokenizer, replace(builder.gen_config, audio_eos_id=100))
+    model = load_heartmula(
+        tiny_model_dir / "HeartMuLa-oss-tiny", torch.device("cpu"), torch.float32
+    )
+    with pytest.raises(ValueError, match="audio_eos_id 100"):
+        GenerationEngine(model, builder, max_rows=2)
