@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,6 +18,17 @@ from pathlib import Path
 import pytest
 
 from tests.support.net import free_port
+
+# Torch's second intra-op thread thrashes on CI's two cores under pytest (~2x slower suite).
+# Set before torch is imported so worker subprocesses started by tests inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One torch thread in the test process itself (torch may already be imported by a plugin)."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 def _wait_for_redis(url: str, process: subprocess.Popen, deadline_s: float = 10.0) -> bool:
@@ -129,7 +141,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Tests must not change it: copy a folder first to break it on purpose.
     """
-    from shared.models.tiny import write_tiny_models
+    from shared.ml.models.tiny import write_tiny_models
 
     model_dir = tmp_path_factory.mktemp("tiny-models")
     write_tiny_models(model_dir, seed=0)

@@ -15,10 +15,10 @@ from typing import Any
 import redis
 from celery import signals
 
-from shared.config import Settings
-from shared.jobs import JobStore, UploadStore
-from shared.queueing import TASK_NAME, enqueue, make_celery
-from shared.storage import store_from_settings
+from shared.core.config import Settings
+from shared.core.jobs import JobStore, UploadStore
+from shared.core.queueing import TASK_NAME, enqueue, make_celery
+from shared.core.storage import store_from_settings
 from workers.models import WorkerModels
 from workers.runner import JobRunner
 

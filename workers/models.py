@@ -14,14 +14,14 @@ import tempfile
 import threading
 from pathlib import Path
 
-from shared.codec.decoder import HeartCodecDecoder, load_codec
-from shared.codec.encoder import EncoderNotFoundError, HeartCodecEncoder, load_encoder
-from shared.config import Settings
-from shared.generation.engine import GenerationEngine
-from shared.models.checkpoint import CheckpointError
-from shared.models.heartmula import heartmula_folder
-from shared.models.tiny import NOISE_WARNING, TINY_VERSION, write_tiny_models
-from shared.transcribe import Transcriber, load_transcriber
+from shared.core.config import Settings
+from shared.ml.codec.decoder import HeartCodecDecoder, load_codec
+from shared.ml.codec.encoder import EncoderNotFoundError, HeartCodecEncoder, load_encoder
+from shared.ml.generation.engine import GenerationEngine
+from shared.ml.models.checkpoint import CheckpointError
+from shared.ml.models.heartmula import heartmula_folder
+from shared.ml.models.tiny import NOISE_WARNING, TINY_VERSION, write_tiny_models
+from shared.ml.transcribe import Transcriber, load_transcriber
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from shared.jobs import JobStore
+from shared.core.jobs import JobStore
 
 log = logging.getLogger(__name__)
 

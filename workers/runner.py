@@ -17,13 +17,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.audio import SAMPLE_RATE, AudioError, encode_audio, read_audio
-from shared.config import Settings
-from shared.generation.engine import GenerationRequest, RequestError
-from shared.inpaint import GapError, plan_gap
-from shared.jobs import Job, JobStore, Upload, UploadStore
-from shared.lyrics import to_lrc, to_srt
-from shared.pipelines import (
+from shared.core.audio import SAMPLE_RATE, AudioError, encode_audio, read_audio
+from shared.core.config import Settings
+from shared.core.inpaint import GapError, plan_gap
+from shared.core.jobs import Job, JobStore, Upload, UploadStore
+from shared.core.lyrics import to_lrc, to_srt
+from shared.core.schemas import (
+    AUDIO_ARTIFACTS,
+    DecodeParams,
+    EncodeParams,
+    ExtendParams,
+    GenerateParams,
+    InpaintParams,
+    TranscribeParams,
+)
+from shared.core.storage import ObjectStore, artifact_key, content_type_for, job_prefix
+from shared.core.tokens import InputError, read_tokens, tokens_bytes
+from shared.ml.generation.engine import GenerationRequest, RequestError
+from shared.ml.pipelines import (
     NothingGenerated,
     PipelineAborted,
     Progress,
@@ -33,18 +44,7 @@ from shared.pipelines import (
     inpaint_song,
     tokenize_audio,
 )
-from shared.schemas import (
-    AUDIO_ARTIFACTS,
-    DecodeParams,
-    EncodeParams,
-    ExtendParams,
-    GenerateParams,
-    InpaintParams,
-    TranscribeParams,
-)
-from shared.storage import ObjectStore, artifact_key, content_type_for, job_prefix
-from shared.tokens import InputError, read_tokens, tokens_bytes
-from shared.transcribe import TranscriptionAborted
+from shared.ml.transcribe import TranscriptionAborted
 from workers.models import WorkerModels
 from workers.progress import ProgressReporter
 

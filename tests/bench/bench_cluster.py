@@ -26,7 +26,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from api.launcher import (  # noqa: E402 (after the path set-up above)
+from api.client.launcher import (  # noqa: E402 (after the path set-up above)
     child_env,
     free_port,
     gateway_command,
@@ -35,9 +35,9 @@ from api.launcher import (  # noqa: E402 (after the path set-up above)
     worker_command,
     worker_env,
 )
-from shared.config import Settings  # noqa: E402
-from shared.queueing import consumed_queues, make_celery  # noqa: E402
-from shared.tenants import TenantStore  # noqa: E402
+from shared.core.config import Settings  # noqa: E402
+from shared.core.queueing import consumed_queues, make_celery  # noqa: E402
+from shared.core.tenants import TenantStore  # noqa: E402
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 

@@ -19,10 +19,10 @@ import time
 import numpy as np
 import torch
 
-from shared.codec.config import CODES_PER_SECOND, HeartCodecConfig
-from shared.codec.decoder import HeartCodecDecoder, plan_windows
-from shared.codec.tiny import TINY_CODEC_CONFIG, random_codec
-from shared.models.checkpoint import resolve_device, resolve_dtype
+from shared.ml.codec.config import CODES_PER_SECOND, HeartCodecConfig
+from shared.ml.codec.decoder import HeartCodecDecoder, plan_windows
+from shared.ml.codec.tiny import TINY_CODEC_CONFIG, random_codec
+from shared.ml.models.checkpoint import resolve_device, resolve_dtype
 
 
 def build_decoder(real_sizes: bool, device: str | None, dtype: str | None) -> HeartCodecDecoder:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from shared.generation.engine import GenerationEngine, GenerationRequest
-from shared.models.checkpoint import resolve_device, resolve_dtype
-from shared.models.heartmula import HeartMuLaConfig
-from shared.models.prompt import GenConfig, PromptBuilder
-from shared.models.tiny import BOS_TOKEN, EOS_TOKEN, build_tiny_tokenizer, random_heartmula
+from shared.ml.generation.engine import GenerationEngine, GenerationRequest
+from shared.ml.models.checkpoint import resolve_device, resolve_dtype
+from shared.ml.models.heartmula import HeartMuLaConfig
+from shared.ml.models.prompt import GenConfig, PromptBuilder
+from shared.ml.models.tiny import BOS_TOKEN, EOS_TOKEN, build_tiny_tokenizer, random_heartmula
 
 REAL_3B = {"backbone_flavor": "llama-3B", "decoder_flavor": "llama-300M"}
 
@@ -30,7 +30,7 @@ def build_engine(
 ) -> GenerationEngine:
     dev = resolve_device(device)
     if not real_sizes:
-        from shared.models.tiny import write_tiny_models
+        from shared.ml.models.tiny import write_tiny_models
 
         model_dir = Path(tempfile.mkdtemp())
         write_tiny_models(model_dir)

@@ -19,12 +19,12 @@ import pytest
 import redis
 import requests
 
-from api.launcher import free_port
-from api.local_cluster import LocalCluster
-from shared.config import Settings
-from shared.jobs import TERMINAL_STATES
-from shared.storage import ObjectStore, store_from_settings
-from shared.tenants import TenantStore
+from api.client.launcher import free_port
+from api.client.local_cluster import LocalCluster
+from shared.core.config import Settings
+from shared.core.jobs import TERMINAL_STATES
+from shared.core.storage import ObjectStore, store_from_settings
+from shared.core.tenants import TenantStore
 
 TENANTS = ("alice", "bob")
 # Four engine rows: two task threads on the GPU-queue worker, so a third job waits in the queue.

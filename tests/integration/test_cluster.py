@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from shared.storage import artifact_key
+from shared.core.storage import artifact_key
 from tests.integration.conftest import Cluster
 
 SAMPLES_PER_FRAME = 3840

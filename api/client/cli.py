@@ -1,0 +1,330 @@
+"""The `heartcluster` command line.
+
+Model commands import torch lazily inside their handlers, so importing this module (or the
+gateway) never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from api.client.cluster_cli import add_cluster_commands, read_text_or_file
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from shared.ml.codec.decoder import HeartCodecDecoder
+
+TOKENS_SUFFIX = ".npy"
+
+
+def _cmd_models_tiny(args: argparse.Namespace) -> int:
+    from shared.ml.models.tiny import NOISE_WARNING, write_tiny_models
+
+    for path in write_tiny_models(Path(args.dir), seed=args.seed):
+        print(f"wrote {path}")
+    print(f"warning: {NOISE_WARNING}")
+    return 0
+
+
+def _load_decoder(args: argparse.Namespace) -> HeartCodecDecoder:
+    """The codec from --model-dir on --device (fp32 unless --codec-dtype says otherwise)."""
+    from shared.ml.codec.decoder import load_codec
+    from shared.ml.codec.tiny import TINY_CODEC_CONFIG
+    from shared.ml.models.tiny import NOISE_WARNING
+
+    decoder = load_codec(Path(args.model_dir), args.device, args.codec_dtype)
+    if decoder.config == TINY_CODEC_CONFIG:
+        print(f"warning: tiny codec: {NOISE_WARNING}", file=sys.stderr)
+    return decoder
+
+
+def _decode_to_file(
+    args: argparse.Namespace, decoder: HeartCodecDecoder, codes: np.ndarray, out: Path
+) -> None:
+    """Decode with a progress bar (shared by `decode` and `generate`)."""
+    from tqdm import tqdm
+
+    from shared.ml.codec.export import decode_to_file
+
+    with tqdm(total=100, unit="%", desc="decode", file=sys.stderr) as bar:
+
+        def progress(fraction: float) -> None:
+            bar.update(round(fraction * 100) - bar.n)
+
+        decode_to_file(
+            decoder,
+            codes,
+            out,
+            steps=args.steps,
+            guidance=args.guidance,
+            seed=args.seed,
+            loop_padding=not args.no_loop_padding,
+            on_progress=progress,
+        )
+
+
+def _is_tokens(path: str) -> bool:
+    return Path(path).suffix.lower() == TOKENS_SUFFIX
+
+
+def _cmd_decode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from shared.core.audio import format_for_path
+    from shared.ml.models.checkpoint import CheckpointError
+
+    try:
+        format_for_path(args.out)
+        codes = np.load(args.tokens)
+        _decode_to_file(args, _load_decoder(args), codes, Path(args.out))
+    except (OSError, ValueError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({codes.shape[-1] / 12.5:.2f} s, 48 kHz stereo)")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from shared.core.audio import AudioError, format_for_path
+    from shared.ml.generation.engine import GenerationRequest, RequestError
+    from shared.ml.generation.local import generate_tokens
+    from shared.ml.models.checkpoint import CheckpointError
+
+    decoder = None
+    try:
+        if args.tokens_out and not _is_tokens(args.tokens_out):
+            raise AudioError(f"--tokens-out must end in {TOKENS_SUFFIX}, got {args.tokens_out}")
+        if not _is_tokens(args.out):
+            format_for_path(args.out)
+            # Load the codec first, so a missing codec fails before minutes of generation.
+            decoder = _load_decoder(args)
+    except (AudioError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    history = np.load(args.history) if args.history else None
+    request = GenerationRequest(
+        tags=args.tags,
+        lyrics=read_text_or_file(args.lyrics),
+        duration_s=args.duration,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        cfg_scale=args.cfg_scale,
+        seed=args.seed,
+        history=history,
+    )
+    try:
+        tokens, result = generate_tokens(
+            Path(args.model_dir), request, args.model_version, args.device, args.dtype
+        )
+    except RequestError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"prompt {result.prompt_length} tokens; {result.tokens.shape[1]} new frames "
+        f"({result.finish_reason}); {list(tokens.shape)} tokens"
+    )
+    for path in (args.tokens_out, args.out):
+        if path and _is_tokens(path):
+            np.save(path, tokens)
+            print(f"wrote {path}")
+    if decoder is not None:
+        _decode_to_file(args, decoder, tokens, Path(args.out))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_keys_create(args: argparse.Namespace) -> int:
+    import redis
+
+    from shared.core.config import Settings
+    from shared.core.tenants import TenantStore
+
+    try:
+        settings = Settings.from_env()
+        key = TenantStore(redis.Redis.from_url(settings.redis_url)).create_key(args.tenant)
+    except (ValueError, redis.RedisError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"API key for tenant {args.tenant!r} (shown once; keep it secret):")
+    print(key)
+    return 0
+
+
+def _add_decode_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=10, help="codec flow-matching steps")
+    parser.add_argument("--guidance", type=float, default=1.25, help="codec guidance scale")
+    parser.add_argument(
+        "--codec-dtype", default=None, help="codec dtype: fp32 (default), bf16 or fp16"
+    )
+    parser.add_argument(
+        "--no-loop-padding",
+        action="store_true",
+        help="decode only the real codes (cheaper for clips under 29.76 s; the reference "
+        "loops short inputs up to whole windows)",
+    )
+
+
+def _cmd_encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from shared.ml.codec.local import encode_file
+
+    try:
+        tokens = encode_file(Path(args.model_dir), Path(args.audio), args.device, args.dtype)
+    except ValueError as error:  # unreadable audio, or a missing/mismatched CheckpointError
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    np.save(args.out, tokens)
+    print(f"wrote {args.out} {list(tokens.shape)} ({tokens.shape[1] / 12.5:.2f} s of tokens)")
+    return 0
+
+
+def _cmd_transcribe(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from shared.core.audio import read_audio
+    from shared.core.lyrics import to_lrc, to_srt
+    from shared.ml.transcribe import load_transcriber
+
+    try:
+        # The audio is checked before the model loads, so a bad file fails at once.
+        audio, rate = read_audio(Path(args.audio), name=args.audio)
+        transcriber = load_transcriber(
+            Path(args.model_dir),
+            args.device,
+            args.dtype,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+        )
+        with tqdm(unit="chunk", desc="transcribe", file=sys.stderr) as bar:
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            transcript = transcriber.transcribe(
+                audio, rate, language=args.language, on_progress=progress
+            )
+    except ValueError as error:  # AudioError, CheckpointError, an unknown language
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    outputs = [(args.out, json.dumps(transcript.to_json(), indent=2, ensure_ascii=False) + "\n")]
+    if args.lrc:
+        outputs.append((args.lrc, to_lrc(transcript)))
+    if args.srt:
+        outputs.append((args.srt, to_srt(transcript)))
+    for path, text in outputs:
+        Path(path).write_text(text, encoding="utf-8")
+        print(f"wrote {path}")
+    print(
+        f"{len(transcript.segments)} segments, {transcript.duration_s:.2f} s, "
+        f"language {transcript.language or 'unknown'}"
+    )
+    return 0
+
+
+def _model_options(parser: argparse.ArgumentParser, holds: str) -> None:
+    """--model-dir (required unless HEARTCLUSTER_MODEL_DIR is set) and --device."""
+    default = os.environ.get("HEARTCLUSTER_MODEL_DIR")
+    parser.add_argument(
+        "--model-dir",
+        default=default,
+        required=default is None,
+        help=f"folder holding {holds} (default: $HEARTCLUSTER_MODEL_DIR)",
+    )
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="heartcluster", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    models = commands.add_parser("models", help="model directories")
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    tiny = model_commands.add_parser(
+        "tiny", help="write tiny random-weight models (official layout; noise, not music)"
+    )
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=_cmd_models_tiny)
+
+    gen = commands.add_parser("generate", help="generate in this process (no cluster)")
+    _model_options(gen, "HeartMuLa-oss-VERSION/, tokenizer.json, gen_config.json")
+    gen.add_argument(
+        "--model-version",
+        default=None,
+        help="HeartMuLa-oss-VERSION folder (3B, tiny); default: the only one present",
+    )
+    gen.add_argument("--tags", required=True, help="comma-separated, e.g. piano,happy")
+    gen.add_argument("--lyrics", default="", help="lyrics text, or a file holding them")
+    gen.add_argument("--duration", type=float, default=120.0, help="seconds")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--cfg-scale", type=float, default=1.5)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--history", help="tokens.npy [8, T] to continue from")
+    gen.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: per device)")
+    gen.add_argument(
+        "--out", required=True, help="tokens (.npy) or audio (.flac, .wav, .mp3) to write"
+    )
+    gen.add_argument("--tokens-out", help="also write the tokens (.npy) when --out is audio")
+    _add_decode_options(gen)
+    gen.set_defaults(handler=_cmd_generate)
+
+    keys = commands.add_parser("keys", help="API keys (stored hashed in Redis)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create_key = key_commands.add_parser(
+        "create", help="create a tenant's API key; prints it alone on the last line"
+    )
+    create_key.add_argument("--tenant", required=True, help="lowercase letters, digits, - and _")
+    create_key.set_defaults(handler=_cmd_keys_create)
+
+    dec = commands.add_parser("decode", help="decode tokens.npy [8, T] to audio in this process")
+    dec.add_argument("tokens", help="tokens.npy, int array [8, T]")
+    dec.add_argument("--out", required=True, help="audio file: .flac, .wav or .mp3")
+    _model_options(dec, "HeartCodec-oss/")
+    dec.add_argument("--seed", type=int, default=0, help="decoding noise seed")
+    _add_decode_options(dec)
+    dec.set_defaults(handler=_cmd_decode)
+
+    enc = commands.add_parser("encode", help="audio file → tokens.npy [8, T] in this process")
+    enc.add_argument("audio", help="WAV, FLAC, OGG or MP3 file")
+    enc.add_argument("--out", required=True, help="tokens.npy to write")
+    _model_options(enc, "HeartCodec-oss-encoder/ and HeartCodec-oss/")
+    enc.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: fp32)")
+    enc.set_defaults(handler=_cmd_encode)
+
+    tr = commands.add_parser("transcribe", help="lyrics from an audio file, in this process")
+    tr.add_argument("audio", help="WAV, FLAC, OGG or MP3 file")
+    tr.add_argument("--out", required=True, help="transcript.json to write")
+    tr.add_argument("--lrc", help="also write LRC lyrics ([mm:ss.xx] lines)")
+    tr.add_argument("--srt", help="also write SRT subtitles")
+    _model_options(tr, "HeartTranscriptor-oss/")
+    tr.add_argument("--language", default=None, help="e.g. en, zh (default: detected per chunk)")
+    tr.add_argument("--batch-size", type=int, default=16, help="30 s chunks decoded at once")
+    tr.add_argument(
+        "--max-new-tokens", type=int, default=256, help="most tokens decoded per 30 s window"
+    )
+    tr.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: per device)")
+    tr.set_defaults(handler=_cmd_transcribe)
+
+    add_cluster_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

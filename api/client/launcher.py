@@ -1,0 +1,190 @@
+"""Starting cluster processes on this machine: workers, a local redis-server, the gateway.
+
+Everything is started by module name in a subprocess (`python -m celery -A workers.celery_app`,
+`python -m api.gateway`), so the CLI never imports workers or torch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from contextlib import suppress
+from pathlib import Path
+from urllib.parse import urlparse
+
+import redis
+
+WORKER_KINDS = ("gpu", "cpu", "train")
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+class LaunchError(RuntimeError):
+    """A process could not be started or did not come up; the message says what to do."""
+
+
+def worker_command(
+    kind: str,
+    data_dir: Path,
+    concurrency: int,
+    name: str | None = None,
+    loglevel: str = "INFO",
+) -> list[str]:
+    """The celery command line of one worker: its queue, a thread pool, a persistent statedb.
+
+    The statedb keeps revoked job ids across restarts; its name follows the worker's name and
+    host, so a restarted worker finds its own.
+    """
+    if kind not in WORKER_KINDS:
+        raise LaunchError(f"unknown worker kind {kind!r}; choose one of {', '.join(WORKER_KINDS)}")
+    name = name or kind
+    state_dir = data_dir / "worker-state"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app",
+        "worker",
+        "--queues",
+        kind,
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(concurrency),
+        "--hostname",
+        f"{name}@{socket.gethostname()}",
+        "--statedb",
+        str(state_dir / f"{name}@{socket.gethostname()}"),
+        "--loglevel",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
+def worker_env(kind: str, base: Mapping[str, str]) -> dict[str, str]:
+    """A worker's environment: SIGTERM means soft shutdown (unfinished jobs are re-queued at
+    once instead of after the visibility timeout); the CPU queue always runs on the CPU."""
+    env = child_env(base)
+    env["REMAP_SIGTERM"] = "SIGQUIT"
+    if kind == "cpu":
+        env["HEARTCLUSTER_DEVICE"] = "cpu"
+    return env
+
+
+def default_concurrency(kind: str, engine_max_rows: int) -> int:
+    """GPU: as many jobs as the engine batch holds with guidance (two rows each)."""
+    return max(1, engine_max_rows // 2) if kind == "gpu" else 1
+
+
+def gateway_command(host: str, port: int) -> list[str]:
+    """The gateway's threaded local server (`python -m api.gateway`); Docker runs gunicorn."""
+    return [sys.executable, "-m", "api.gateway", "--host", host, "--port", str(port)]
+
+
+def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    try:
+        return bool(client.ping())
+    except (redis.ConnectionError, redis.TimeoutError):
+        return False
+    finally:
+        client.close()
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def start_redis(url: str, data_dir: Path) -> tuple[str, subprocess.Popen[bytes]]:
+    """A redis-server for a loopback URL that nobody answers: on its port if free, else any.
+
+    Data persists under DATA_DIR/redis (append-only file), so jobs and keys survive a restart.
+    """
+    parsed = urlparse(url)
+    host = parsed.hostname or "127.0.0.1"
+    if host not in LOOPBACK:
+        raise LaunchError(f"no Redis answers at {url}, and it is not on this machine")
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise LaunchError(
+            f"no Redis answers at {url} and redis-server is not installed: install it "
+            "(apt-get install redis-server) or set HEARTCLUSTER_REDIS_URL to a running Redis"
+        )
+    port = parsed.port or 6379
+    if not port_free("127.0.0.1", port):
+        port = free_port()
+    workdir = data_dir / "redis"
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_file = open(workdir / "redis.log", "ab")  # noqa: SIM115 (owned by the child process)
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
+        + ["--appendonly", "yes", "--save", ""],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
+    db = parsed.path.strip("/") or "0"
+    local_url = f"redis://127.0.0.1:{port}/{db}"
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LaunchError(f"redis-server exited at start; see {workdir / 'redis.log'}")
+        if redis_answers(local_url, 0.2):
+            return local_url, process
+        time.sleep(0.1)
+    stop_processes([process])
+    raise LaunchError(f"redis-server did not answer on port {port}; see {workdir / 'redis.log'}")
+
+
+def spawn(command: list[str], env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start a child with its output in a log file (its own process group: Ctrl-C is ours)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = open(log_path, "ab")  # noqa: SIM115 (owned by the child process)
+    return subprocess.Popen(
+        command,
+        env=dict(env),
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop_processes(processes: list[subprocess.Popen[bytes]], timeout_s: float = 30.0) -> None:
+    """SIGTERM all (Celery: warm shutdown, unfinished jobs go back to the queue), then wait."""
+    for process in processes:
+        if process.poll() is None:
+            with suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def child_env(base: Mapping[str, str]) -> dict[str, str]:
+    """An environment with this checkout on the Python path, so children import this code."""
+    env = dict(base)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env

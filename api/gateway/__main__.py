@@ -1,0 +1,26 @@
+"""`python -m api.gateway`: serve the gateway with Werkzeug's threaded server (local use).
+
+Settings come from HEARTCLUSTER_* variables. `heartcluster up` starts this as a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from werkzeug.serving import run_simple
+
+from api.gateway import create_app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m api.gateway", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    run_simple(args.host, args.port, create_app(), threaded=True)
+
+
+if __name__ == "__main__":
+    main()

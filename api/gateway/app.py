@@ -1,0 +1,74 @@
+"""The gateway's app factory: wires settings, Redis, the object store and Celery into Flask.
+
+Every dependency can be injected, so tests run the real app against a real redis-server with a
+recording stand-in for Celery, and deployments build everything from HEARTCLUSTER_* variables.
+Never imports torch or workers/: jobs are sent to Celery by task name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from flask import Flask, current_app
+
+from api.gateway.errors import register_error_handlers
+from shared.core.config import Settings
+from shared.core.jobs import JobStore, UploadStore
+from shared.core.queueing import make_celery
+from shared.core.storage import ObjectStore, store_from_settings
+from shared.core.tenants import TenantStore
+
+# multipart framing around an upload of the maximum size
+UPLOAD_OVERHEAD_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    redis: redis.Redis
+    jobs: JobStore
+    uploads: UploadStore
+    tenants: TenantStore
+    store: ObjectStore
+    celery: Any  # celery.Celery, or a stand-in with send_task / control in tests
+
+
+def services() -> Services:
+    """The current app's services (inside a request)."""
+    return current_app.extensions["heartcluster"]
+
+
+def create_app(
+    settings: Settings | None = None,
+    redis_client: redis.Redis | None = None,
+    store: ObjectStore | None = None,
+    celery_app: Any = None,
+) -> Flask:
+    """The gateway. Anything not given is built from `settings` (default: the environment)."""
+    from api.gateway.openapi import bp as openapi_bp
+    from api.gateway.routes.health import bp as health_bp
+    from api.gateway.routes.jobs import bp as jobs_bp
+    from api.gateway.routes.uploads import bp as uploads_bp
+
+    settings = settings or Settings.from_env()
+    redis_client = redis_client or redis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=5, health_check_interval=30
+    )
+    app = Flask("heartcluster")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + UPLOAD_OVERHEAD_BYTES
+    app.json.sort_keys = False
+    app.extensions["heartcluster"] = Services(
+        settings=settings,
+        redis=redis_client,
+        jobs=JobStore(redis_client),
+        uploads=UploadStore(redis_client),
+        tenants=TenantStore(redis_client),
+        store=store or store_from_settings(settings),
+        celery=celery_app or make_celery(settings),
+    )
+    register_error_handlers(app)
+    for blueprint in (health_bp, openapi_bp, jobs_bp, uploads_bp):
+        app.register_blueprint(blueprint)
+    return app

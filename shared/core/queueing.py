@@ -1,0 +1,91 @@
+"""Celery wiring shared by the gateway (which sends) and the workers (which consume).
+
+The gateway never imports workers/: it sends one task, by name, carrying only the job id, to
+the queue for the job's type. Job state lives in the job store, not in Celery results. No torch.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from shared.core.config import Settings
+from shared.core.jobs import Job
+
+TASK_NAME = "heartcluster.run_job"
+QUEUES = ("gpu", "cpu", "train")
+QUEUE_FOR_TYPE = {
+    "generate": "gpu",
+    "decode": "gpu",
+    "encode": "cpu",
+    "extend": "gpu",
+    "inpaint": "gpu",
+    "transcribe": "cpu",
+    "finetune": "train",
+}
+# Redis redelivers an unacknowledged message after the visibility timeout; it must outlast the
+# longest job, or a healthy long job would run twice.
+VISIBILITY_MARGIN_S = 600
+# On stop, running tasks get this long to finish before a cold shutdown puts them back on the
+# queue (workers started with REMAP_SIGTERM=SIGQUIT turn SIGTERM into that soft → cold path).
+SOFT_SHUTDOWN_S = 10.0
+
+
+def visibility_timeout_s(settings: Settings) -> int:
+    return settings.job_time_limit_s + VISIBILITY_MARGIN_S
+
+
+def make_celery(settings: Settings, main: str = "heartcluster") -> Celery:
+    """A Celery app on HEARTCLUSTER_REDIS_URL with the reliability settings of DESIGN.md.
+
+    Workers additionally pass `--statedb` so revoked ids survive a restart.
+    """
+    app = Celery(main, broker=settings.redis_url, backend=settings.redis_url)
+    transport = {"visibility_timeout": visibility_timeout_s(settings)}
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        # each queue on its own direct exchange, routed by its own name
+        task_queues=[Queue(name, Exchange(name), routing_key=name) for name in QUEUES],
+        task_default_queue="gpu",
+        # a message is acknowledged only when its task ends; a worker that dies mid-task puts
+        # it back instead of losing it (the attempt cap in the worker stops poison jobs)
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_soft_shutdown_timeout=SOFT_SHUTDOWN_S,
+        task_track_started=True,
+        task_time_limit=settings.job_time_limit_s,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        result_expires=24 * 3600,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def enqueue(celery_app: Celery, job: Job) -> None:
+    """Send the job's id to the queue for its type; the Celery task id is the job id."""
+    try:
+        queue = QUEUE_FOR_TYPE[job.type]
+    except KeyError:
+        raise ValueError(f"no queue for job type {job.type!r}") from None
+    celery_app.send_task(TASK_NAME, args=[job.id], task_id=job.id, queue=queue)
+
+
+def revoke(celery_app: Celery, job_id: str) -> None:
+    """Tell workers to drop a queued job's message (the job store's state is what counts)."""
+    celery_app.control.revoke(job_id)
+
+
+def consumed_queues(celery_app: Celery, timeout_s: float = 1.0) -> dict[str, bool]:
+    """For each queue, whether any live worker consumes it (asks workers over the broker).
+
+    Waits up to `timeout_s` for replies, so callers should keep it short.
+    """
+    replies = celery_app.control.inspect(timeout=timeout_s).active_queues() or {}
+    consumed = {q["name"] for queues in replies.values() for q in queues}
+    return {name: name in consumed for name in QUEUES}

@@ -1,0 +1,309 @@
+"""Request and response schemas (pydantic v2): one definition validates requests and generates
+the OpenAPI document, so the two cannot drift apart.
+
+Limits that depend on the deployment (tag count, lyrics length, duration) come from Settings
+through the validation context; limits that need a tokenizer (prompt + frames fit the model's
+context) are re-checked by the worker. No torch: the gateway imports this.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from shared.core.config import Settings
+from shared.core.jobs import Job, Upload
+
+AudioFormat = Literal["flac", "wav", "mp3"]
+AUDIO_ARTIFACTS = tuple(f"audio.{fmt}" for fmt in get_args(AudioFormat))  # a song's audio file
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]  # jobs.STATES
+SEED_MAX = 2**32 - 1
+AUDIO_VOCAB = 8197  # HeartMuLa's per-codebook vocabulary (top_k cannot exceed it)
+
+
+class _Params(BaseModel):
+    # strict: "30" is not a number and 7.0 is not an integer; forbid: a misspelt field is an
+    # error, not a silently ignored option
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+def _limits(info: ValidationInfo) -> Settings:
+    context = info.context or {}
+    return context.get("settings") or Settings()
+
+
+class _PromptParams(_Params):
+    """Tag-count and lyrics-length limits for every job type that takes a prompt."""
+
+    @field_validator("tags", check_fields=False)
+    @classmethod
+    def _tags(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:  # extend/inpaint: the parent job's tags
+            return None
+        tags = [tag.strip() for tag in value.split(",") if tag.strip()]
+        if not tags:
+            raise ValueError("give at least one tag")
+        limit = _limits(info).max_tags
+        if len(tags) > limit:
+            raise ValueError(f"{len(tags)} tags given; at most {limit} allowed")
+        return ",".join(tags)
+
+    @field_validator("lyrics", check_fields=False)
+    @classmethod
+    def _lyrics(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:  # extend/inpaint: the parent job's lyrics
+            return None
+        limit = _limits(info).max_lyrics_chars
+        if len(value) > limit:
+            raise ValueError(f"lyrics are {len(value)} characters; at most {limit} allowed")
+        return value
+
+
+class GenerateParams(_PromptParams):
+    tags: str = Field(
+        min_length=1,
+        description="Comma-separated style tags, e.g. 'piano,happy' "
+        "(at most HEARTCLUSTER_MAX_TAGS tags).",
+        examples=["piano,happy"],
+    )
+    lyrics: str = Field(
+        "", description="Lyrics text (at most HEARTCLUSTER_MAX_LYRICS_CHARS characters)."
+    )
+    duration_s: float = Field(
+        30.0, gt=0, description="Seconds of audio (at most HEARTCLUSTER_MAX_DURATION_S)."
+    )
+    temperature: float = Field(1.0, gt=0, le=2)
+    top_k: int = Field(50, ge=1, le=AUDIO_VOCAB)
+    cfg_scale: float = Field(1.5, ge=1.0, le=10.0, description="Classifier-free guidance.")
+    seed: int | None = Field(
+        None, ge=0, le=SEED_MAX, description="Omit to let the worker pick one (recorded)."
+    )
+    format: AudioFormat = "flac"
+
+    @field_validator("duration_s")
+    @classmethod
+    def _duration(cls, value: float, info: ValidationInfo) -> float:
+        limit = _limits(info).max_duration_s
+        if value > limit:
+            raise ValueError(f"duration {value:g} s is over the limit of {limit:g} s")
+        return value
+
+
+def _second_source(value: str | None, info: ValidationInfo, first: str) -> str | None:
+    """Validator of the second of two alternative sources: exactly one must be given."""
+    if (value is None) == (info.data.get(first) is None):
+        raise ValueError(f"give exactly one of {first} or {info.field_name}")
+    return value
+
+
+class DecodeParams(_Params):
+    """Tokens → audio, from a finished job's tokens.npy or an uploaded .npy ([8, T] codes)."""
+
+    source_job_id: str | None = Field(None, min_length=1)
+    tokens_upload_id: str | None = Field(None, min_length=1, validate_default=True)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    steps: int = Field(10, ge=1, le=200, description="Flow-matching solver steps.")
+    format: AudioFormat = "flac"
+
+    @field_validator("tokens_upload_id")
+    @classmethod
+    def _one_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _second_source(value, info, "source_job_id")
+
+
+class EncodeParams(_Params):
+    """Audio → tokens, from an uploaded audio file."""
+
+    upload_id: str = Field(min_length=1)
+
+
+class ExtendParams(GenerateParams):
+    """Continue a song: a finished job's tokens, or an audio upload (encoded first on the cpu
+    queue, as a separate encode job this job waits for). Tags and lyrics default to the
+    parent job's; `duration_s` is the added length."""
+
+    tags: str | None = Field(None, min_length=1, description="Default: the parent job's tags.")
+    lyrics: str | None = Field(None, description="Default: the parent job's lyrics.")
+    source_job_id: str | None = Field(None, min_length=1)
+    upload_id: str | None = Field(None, min_length=1, validate_default=True)
+
+    @field_validator("upload_id")
+    @classmethod
+    def _one_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _second_source(value, info, "source_job_id")
+
+
+class InpaintParams(_PromptParams):
+    """Regenerate [start_s, end_s) of a finished song; everything else stays as it was."""
+
+    source_job_id: str = Field(min_length=1)
+    start_s: float = Field(ge=0)
+    end_s: float = Field(gt=0)
+    tags: str | None = Field(None, min_length=1, description="Default: the parent job's tags.")
+    lyrics: str | None = Field(None, description="Default: the parent job's lyrics.")
+    temperature: float = Field(0.2, gt=0, le=2)
+    top_k: int = Field(30, ge=1, le=AUDIO_VOCAB)
+    cfg_scale: float = Field(1.0, ge=1.0, le=10.0)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    format: AudioFormat = "flac"
+
+    @field_validator("end_s")
+    @classmethod
+    def _after_start(cls, value: float, info: ValidationInfo) -> float:
+        start = info.data.get("start_s")
+        if start is not None and value <= start:
+            raise ValueError("end_s must be greater than start_s")
+        return value
+
+
+class TranscribeParams(_Params):
+    """Lyrics from audio: an audio upload or a finished job's audio."""
+
+    source_job_id: str | None = Field(None, min_length=1)
+    upload_id: str | None = Field(None, min_length=1, validate_default=True)
+    language: str | None = Field(None, min_length=2, max_length=8, examples=["en"])
+
+    @field_validator("upload_id")
+    @classmethod
+    def _one_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _second_source(value, info, "source_job_id")
+
+
+PARAMS_FOR_TYPE: dict[str, type[_Params]] = {
+    "generate": GenerateParams,
+    "decode": DecodeParams,
+    "encode": EncodeParams,
+    "extend": ExtendParams,
+    "inpaint": InpaintParams,
+    "transcribe": TranscribeParams,
+}
+JobType = Literal["generate", "decode", "encode", "extend", "inpaint", "transcribe"]
+
+
+class SubmitRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: JobType
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The params schema of `type` (GenerateParams, ExtendParams, ...).",
+    )
+    idempotency_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Resubmitting with the same key returns the first job instead of a new one "
+        "(the Idempotency-Key header does the same).",
+    )
+
+
+class InvalidRequest(ValueError):
+    """A request failed validation: `field` is the dotted path of the first bad field."""
+
+    def __init__(
+        self, field: str | None, message: str, details: list[dict[str, str]] | None = None
+    ) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.message = message
+        self.details = details or []
+
+
+def _invalid(error: ValidationError, prefix: tuple[str, ...] = ()) -> InvalidRequest:
+    details = [
+        {"field": ".".join(str(part) for part in (*prefix, *e["loc"])), "message": e["msg"]}
+        for e in error.errors(include_url=False)
+    ]
+    return InvalidRequest(details[0]["field"], details[0]["message"], details)
+
+
+def parse_submit(body: Any, settings: Settings) -> tuple[SubmitRequest, _Params]:
+    """Validate a submit body: the envelope, then the params against the type's schema."""
+    if not isinstance(body, dict):
+        raise InvalidRequest(None, "the body must be a JSON object")
+    try:
+        request = SubmitRequest.model_validate(body)
+    except ValidationError as error:
+        raise _invalid(error) from None
+    try:
+        params = PARAMS_FOR_TYPE[request.type].model_validate(
+            request.params, context={"settings": settings}
+        )
+    except ValidationError as error:
+        raise _invalid(error, ("params",)) from None
+    return request, params
+
+
+# -- responses ------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobOut(BaseModel):
+    """A job as clients see it."""
+
+    id: str
+    type: str
+    state: JobState
+    params: dict[str, Any]
+    progress: float = Field(description="0 to 100")
+    stage: str
+    message: str
+    frames_done: int | None
+    frames_total: int | None
+    attempts: int
+    error: JobError | None
+    artifacts: list[str] = Field(description="Names for GET /v1/jobs/{id}/artifacts/{name}.")
+    parent_job_id: str | None
+    cancel_requested: bool
+    created_at: float = Field(description="Unix seconds")
+    started_at: float | None
+    finished_at: float | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page.")
+
+
+class UploadOut(BaseModel):
+    id: str
+    filename: str
+    kind: Literal["audio", "tokens"]
+    bytes: int
+    duration_s: float
+    sample_rate: int | None
+    channels: int | None
+    created_at: float
+
+
+def job_out(job: Job | dict[str, Any]) -> dict[str, Any]:
+    """A job record as the JSON clients get (internal fields such as the tenant left out)."""
+    data = job.to_dict() if isinstance(job, Job) else job
+    return {name: data.get(name) for name in JobOut.model_fields}
+
+
+def upload_out(upload: Upload) -> dict[str, Any]:
+    data = upload.to_dict()
+    return {name: data.get(name) for name in UploadOut.model_fields}

@@ -1,0 +1,215 @@
+"""Job pipelines over the models: generate (tokens → audio), decode and encode.
+
+Plain functions over arrays with a progress callback and an abort check; they know nothing of
+Celery, Redis or the object store, so workers and one-shot runs share them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+import numpy as np
+
+from shared.core.inpaint import (
+    FRAME_S,
+    SAMPLES_PER_FRAME,
+    Gap,
+    decode_window,
+    splice_audio,
+    splice_tokens,
+)
+from shared.core.tokens import InputError, check_tokens
+from shared.ml.codec.decoder import DecodeAborted, HeartCodecDecoder
+from shared.ml.codec.encoder import EncodingAborted, HeartCodecEncoder
+from shared.ml.generation.engine import GenerationEngine, GenerationRequest, GenerationResult
+
+# Share of a generate job's progress spent generating tokens; decoding takes the rest.
+GENERATE_SHARE = 0.8
+DECODE_STEPS = 10  # the reference's flow-matching steps for generated songs
+
+
+class PipelineAborted(Exception):
+    """The job's abort check said stop; nothing it produced should be kept."""
+
+
+class NothingGenerated(RuntimeError):
+    """The model ended the song (audio EOS) before its first new frame."""
+
+
+class Progress(Protocol):
+    def __call__(
+        self,
+        stage: str,
+        fraction: float,
+        frames_done: int | None = None,
+        frames_total: int | None = None,
+    ) -> None:
+        """`fraction` (0–1) of the whole pipeline is done; `stage` names what runs now."""
+
+
+AbortCheck = Callable[[], bool]
+
+
+@dataclass
+class Song:
+    tokens: np.ndarray  # [8, T] int32
+    audio: np.ndarray  # [2, T * 3840] float32, 48 kHz
+    finish_reason: str
+    seed: int
+
+
+def decode_tokens(
+    codec: HeartCodecDecoder,
+    tokens: np.ndarray,
+    *,
+    seed: int,
+    steps: int,
+    lock: threading.Lock,
+    on_fraction: Callable[[float], None],
+    should_abort: AbortCheck,
+) -> np.ndarray:
+    """Tokens → [2, T*3840] float32 audio; one decode per codec at a time (`lock`).
+
+    Waiting for the lock still honours the abort check, so a cancelled job never decodes.
+    """
+    while not lock.acquire(timeout=0.05):
+        if should_abort():
+            raise PipelineAborted
+    try:
+        audio = codec.detokenize(
+            tokens, steps=steps, seed=seed, on_progress=on_fraction, should_abort=should_abort
+        ).numpy()
+    except DecodeAborted as error:
+        raise PipelineAborted from error
+    finally:
+        lock.release()
+    expected = (2, tokens.shape[1] * SAMPLES_PER_FRAME)
+    if audio.shape != expected:
+        raise RuntimeError(f"codec returned audio of shape {list(audio.shape)}, not {expected}")
+    return audio
+
+
+def _generate_tokens(
+    engine: GenerationEngine,
+    request: GenerationRequest,
+    progress: Progress,
+    should_abort: AbortCheck,
+) -> GenerationResult:
+    """New frames from the batched engine; progress covers the generating share."""
+    total = request.frames
+    progress("generating", 0.0, 0, total)
+
+    def on_frames(done: int, requested: int) -> None:
+        progress("generating", GENERATE_SHARE * done / requested, done, requested)
+
+    result = engine.submit(request, on_progress=on_frames, should_abort=should_abort).result()
+    if result.finish_reason == "aborted":
+        raise PipelineAborted
+    if result.tokens.shape[1] == 0:
+        raise NothingGenerated(
+            "the model ended the song before its first new frame (audio EOS); try another seed"
+        )
+    return result
+
+
+def _decode_share(
+    codec: HeartCodecDecoder,
+    codec_lock: threading.Lock,
+    tokens: np.ndarray,
+    seed: int,
+    frames: int,
+    progress: Progress,
+    should_abort: AbortCheck,
+) -> np.ndarray:
+    """Decode with progress covering the share after generating."""
+    progress("decoding", GENERATE_SHARE, frames, frames)
+
+    def on_fraction(fraction: float) -> None:
+        progress("decoding", GENERATE_SHARE + (1 - GENERATE_SHARE) * fraction, frames, frames)
+
+    return decode_tokens(
+        codec,
+        tokens,
+        seed=seed,
+        steps=DECODE_STEPS,
+        lock=codec_lock,
+        on_fraction=on_fraction,
+        should_abort=should_abort,
+    )
+
+
+def generate_song(
+    engine: GenerationEngine,
+    codec: HeartCodecDecoder,
+    codec_lock: threading.Lock,
+    request: GenerationRequest,
+    progress: Progress,
+    should_abort: AbortCheck,
+) -> Song:
+    """Tags + lyrics → tokens (batched engine) → audio (codec), with progress and abort.
+
+    With `request.history` (an extension) the song is history + new frames, decoded whole.
+    Raises RequestError (from the engine) for requests the model cannot take.
+    """
+    result = _generate_tokens(engine, request, progress, should_abort)
+    tokens = result.tokens
+    if request.history is not None:
+        tokens = np.concatenate([request.history.astype(np.int32), tokens], axis=1)
+    frames = tokens.shape[1]
+    audio = _decode_share(codec, codec_lock, tokens, request.seed, frames, progress, should_abort)
+    return Song(tokens, audio, result.finish_reason, request.seed)
+
+
+def inpaint_song(
+    engine: GenerationEngine,
+    codec: HeartCodecDecoder,
+    codec_lock: threading.Lock,
+    parent_tokens: np.ndarray,
+    parent_audio: np.ndarray,
+    gap: Gap,
+    request: GenerationRequest,
+    progress: Progress,
+    should_abort: AbortCheck,
+) -> Song:
+    """LM-guided repair of `gap`: exactly its frames are generated from the left context,
+    spliced into the parent's tokens, a window with 8 s of context each side is decoded and
+    crossfaded into the parent's audio; everything outside the gap is the parent's."""
+    song_frames = parent_tokens.shape[1]
+    if parent_audio.shape != (2, song_frames * SAMPLES_PER_FRAME):
+        raise InputError(
+            "source_job_id",
+            f"the parent's audio has shape {list(parent_audio.shape)}, not "
+            f"[2, {song_frames * SAMPLES_PER_FRAME}] for its {song_frames} frames",
+        )
+    history = parent_tokens[:, : gap.start] if gap.start else None
+    fill = replace(request, history=history, duration_s=gap.frames * FRAME_S, stop_at_eos=False)
+    new = _generate_tokens(engine, fill, progress, should_abort).tokens
+    tokens = splice_tokens(parent_tokens, gap, new)
+    lo, hi = decode_window(gap, song_frames)
+    window = _decode_share(
+        codec, codec_lock, tokens[:, lo:hi], request.seed, hi - lo, progress, should_abort
+    )
+    return Song(tokens, splice_audio(parent_audio, window, lo, gap), "length", request.seed)
+
+
+def tokenize_audio(
+    encoder: HeartCodecEncoder,
+    audio: np.ndarray,
+    sample_rate: int,
+    on_fraction: Callable[[float], None],
+    should_abort: AbortCheck,
+) -> np.ndarray:
+    """[channels, samples] audio → [8, T] int32 tokens."""
+    try:
+        tokens = encoder.tokenize(
+            audio,
+            sample_rate,
+            on_progress=lambda done, total: on_fraction(done / total),
+            should_abort=should_abort,
+        )
+    except EncodingAborted as error:
+        raise PipelineAborted from error
+    return check_tokens(tokens, "upload_id")

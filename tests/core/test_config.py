@@ -1,0 +1,94 @@
+"""Settings come from HEARTCLUSTER_* variables and bad values name the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.core.config import Settings, SettingsError
+
+
+def test_defaults_follow_the_data_dir(tmp_path: Path) -> None:
+    settings = Settings.from_env({"HEARTCLUSTER_DATA_DIR": str(tmp_path / "data")})
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert settings.data_dir == tmp_path / "data"
+    assert settings.storage_scheme == "file"
+    assert settings.local_root == tmp_path / "data" / "artifacts"
+    assert settings.model_dir is None
+    assert settings.engine_max_rows == 16
+    assert settings.max_upload_bytes == 50 * 1024 * 1024
+    assert settings.job_time_limit_s == 3600
+
+
+def test_default_data_dir_is_under_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = Settings.from_env({})
+    assert settings.data_dir == tmp_path / "heartcluster-data"
+    assert settings.storage_url == (tmp_path / "heartcluster-data" / "artifacts").as_uri()
+
+
+def test_s3_storage_and_numbers_are_parsed() -> None:
+    settings = Settings.from_env(
+        {
+            "HEARTCLUSTER_STORAGE_URL": "s3://songs/prod/v1/",
+            "HEARTCLUSTER_S3_ENDPOINT_URL": "http://127.0.0.1:9000",
+            "HEARTCLUSTER_MAX_DURATION_S": "240.5",
+            "HEARTCLUSTER_MAX_TAGS": "8",
+            "HEARTCLUSTER_DTYPE": "bf16",
+            "HEARTCLUSTER_MODEL_DIR": "/models",
+            "UNRELATED": "ignored",
+        }
+    )
+    assert (settings.storage_scheme, settings.s3_bucket, settings.s3_prefix) == (
+        "s3",
+        "songs",
+        "prod/v1",
+    )
+    assert settings.s3_endpoint_url == "http://127.0.0.1:9000"
+    assert settings.max_duration_s == 240.5
+    assert settings.max_tags == 8
+    assert settings.dtype == "bf16"
+    assert settings.model_dir == Path("/models")
+
+
+def test_empty_values_mean_default() -> None:
+    assert Settings.from_env({"HEARTCLUSTER_MAX_TAGS": " "}).max_tags == 32
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("REDIS_URL", "http://localhost:6379"),
+        ("STORAGE_URL", "ftp://host/x"),
+        ("STORAGE_URL", "s3:///prefix-without-bucket"),
+        ("STORAGE_URL", "file://relative/path"),
+        ("S3_ENDPOINT_URL", "localhost:9000"),
+        ("DTYPE", "int8"),
+        ("ENGINE_MAX_ROWS", "0"),
+        ("ENGINE_MAX_ROWS", "two"),
+        ("MAX_DURATION_S", "-5"),
+        ("MAX_UPLOAD_BYTES", "1.5"),
+    ],
+)
+def test_bad_values_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=f"HEARTCLUSTER_{name}="):
+        Settings.from_env({f"HEARTCLUSTER_{name}": value})
+
+
+def test_endpoint_without_s3_storage_is_rejected() -> None:
+    with pytest.raises(SettingsError, match="HEARTCLUSTER_S3_ENDPOINT_URL"):
+        Settings.from_env(
+            {
+                "HEARTCLUSTER_S3_ENDPOINT_URL": "http://127.0.0.1:9000",
+                "HEARTCLUSTER_STORAGE_URL": "file:///tmp/x",
+            }
+        )
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings.from_env({})
+    with pytest.raises(AttributeError):
+        settings.max_tags = 3  # type: ignore[misc]

@@ -1,0 +1,107 @@
+"""Celery wiring against a real redis-server: routing by type, settings, consumer detection."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shared.core.config import Settings
+from shared.core.jobs import Job
+from shared.core.queueing import (
+    QUEUE_FOR_TYPE,
+    TASK_NAME,
+    consumed_queues,
+    enqueue,
+    make_celery,
+    visibility_timeout_s,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Settings:
+    return Settings.from_env(
+        {"HEARTCLUSTER_REDIS_URL": redis_url, "HEARTCLUSTER_JOB_TIME_LIMIT_S": "120"}
+    )
+
+
+def test_reliability_settings(settings: Settings) -> None:
+    conf = make_celery(settings).conf
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.worker_cancel_long_running_tasks_on_connection_loss
+    assert conf.task_track_started
+    assert visibility_timeout_s(settings) > settings.job_time_limit_s
+    assert conf.broker_transport_options["visibility_timeout"] == visibility_timeout_s(settings)
+    assert conf.result_backend_transport_options["visibility_timeout"] == visibility_timeout_s(
+        settings
+    )
+    assert conf.broker_url == settings.redis_url
+    routes = {(q.name, q.exchange.name, q.routing_key) for q in conf.task_queues}
+    assert routes == {("gpu", "gpu", "gpu"), ("cpu", "cpu", "cpu"), ("train", "train", "train")}
+
+
+def test_enqueue_routes_by_type_with_the_job_id(settings: Settings, redis_client) -> None:
+    app = make_celery(settings)
+    generate = Job.new("acme", "generate", {})
+    encode = Job.new("acme", "encode", {})
+    enqueue(app, generate)
+    enqueue(app, encode)
+    assert redis_client.llen("gpu") == 1 and redis_client.llen("cpu") == 1
+    message = json.loads(redis_client.lindex("gpu", 0))
+    assert message["headers"]["task"] == TASK_NAME
+    assert message["headers"]["id"] == generate.id
+    assert json.loads(redis_client.lindex("cpu", 0))["headers"]["id"] == encode.id
+    assert set(QUEUE_FOR_TYPE.values()) == {"gpu", "cpu", "train"}
+
+
+def test_enqueue_rejects_unknown_types(settings: Settings, redis_client) -> None:
+    with pytest.raises(ValueError, match="no queue"):
+        enqueue(make_celery(settings), Job.new("acme", "karaoke", {}))
+    assert redis_client.llen("gpu") == 0
+
+
+def test_consumed_queues_sees_a_live_worker(settings: Settings, redis_client) -> None:
+    app = make_celery(settings)
+    assert consumed_queues(app, timeout_s=0.2) == {"gpu": False, "cpu": False, "train": False}
+    env = {**os.environ, "HEARTCLUSTER_REDIS_URL": settings.redis_url, "PYTHONPATH": str(ROOT)}
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tests.support.probe_celery_app",
+            "worker",
+            "-Q",
+            "cpu",
+            "--pool",
+            "solo",
+            "--concurrency",
+            "1",
+            "--loglevel",
+            "WARNING",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        seen = consumed_queues(app, timeout_s=0.5)
+        while not seen["cpu"] and time.monotonic() < deadline and worker.poll() is None:
+            seen = consumed_queues(app, timeout_s=0.5)
+        assert seen == {"gpu": False, "cpu": True, "train": False}
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
