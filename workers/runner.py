@@ -1,6 +1,6 @@
-"""One job through its states: load, start, run its pipeline, write artifacts, finish.
+"""One job through its states: load, start, run its type's handler, write artifacts, finish.
 
-Celery-free (the task in workers.tasks is one line over `JobRunner.run`), so the lifecycle
+Celery-free (the task in workers.celery_app is one line over `JobRunner.run`), so the lifecycle
 rules live in one place: a cancelled or terminal job never runs, a job redelivered too often
 fails with `too_many_attempts`, artifacts are written only after the pipeline succeeded
 (metadata.json last, as the completeness marker) and under the job's own keys (a retry
@@ -13,85 +13,26 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-import numpy as np
+from pydantic import ValidationError
 
-from shared.core.audio import SAMPLE_RATE, AudioError, encode_audio, read_audio
+from shared.core.audio import AudioError
 from shared.core.config import Settings
-from shared.core.inpaint import GapError, plan_gap
-from shared.core.jobs import Job, JobStore, Upload, UploadStore
-from shared.core.lyrics import to_lrc, to_srt
-from shared.core.schemas import (
-    AUDIO_ARTIFACTS,
-    DecodeParams,
-    EncodeParams,
-    ExtendParams,
-    GenerateParams,
-    InpaintParams,
-    TranscribeParams,
-)
-from shared.core.storage import ObjectStore, artifact_key, content_type_for, job_prefix
-from shared.core.tokens import InputError, read_tokens, tokens_bytes
-from shared.ml.generation.engine import GenerationRequest, RequestError
-from shared.ml.pipelines import (
-    NothingGenerated,
-    PipelineAborted,
-    Progress,
-    Song,
-    decode_tokens,
-    generate_song,
-    inpaint_song,
-    tokenize_audio,
-)
-from shared.ml.transcribe import TranscriptionAborted
+from shared.core.inputs import InputResolver
+from shared.core.jobs import Job, JobStore, UploadStore
+from shared.core.jobtypes import JOB_TYPES, parse_params
+from shared.core.storage import METADATA, ObjectStore, artifact_key, content_type_for, job_prefix
+from shared.core.tokens import InputError
+from shared.ml.generation.engine import RequestError
+from shared.ml.pipelines import NothingGenerated, PipelineAborted
+from workers.handlers import HANDLERS, PIPELINE_SHARE, JobContext, Output
 from workers.models import WorkerModels
 from workers.progress import ProgressReporter
 
 log = logging.getLogger(__name__)
 
-METADATA = "metadata.json"
-TOKENS = "tokens.npy"
-TRANSCRIPT = "transcript.json"
 # How often a running job asks Redis whether it was cancelled (the engine asks every frame).
 CANCEL_POLL_S = 0.1
-# Progress share of the pipeline; uploading takes the rest.
-PIPELINE_SHARE = 95.0
-
-
-@dataclass
-class Output:
-    """What a pipeline produced: artifact name → bytes, plus metadata."""
-
-    files: dict[str, bytes]
-    metadata: dict[str, object]
-
-
-_SongParams = GenerateParams | ExtendParams | InpaintParams
-
-
-def _request(
-    params: _SongParams, seed: int, history: np.ndarray | None = None
-) -> GenerationRequest:
-    """The engine request of a song job (extend/inpaint carry their parent's tags and lyrics,
-    filled in by the gateway)."""
-    if params.tags is None:
-        raise InputError("tags", "no tags given and none inherited")
-    return GenerationRequest(
-        tags=params.tags,
-        lyrics=params.lyrics or "",
-        duration_s=getattr(params, "duration_s", 0.0),  # inpaint_song sets it from the gap
-        temperature=params.temperature,
-        top_k=params.top_k,
-        cfg_scale=params.cfg_scale,
-        seed=seed,
-        history=history,
-    )
-
-
-def job_seed(job: Job, requested: int | None) -> int:
-    """The requested seed, else one derived from the job id (stable across retries)."""
-    return requested if requested is not None else int(job.id[:8], 16)
 
 
 class JobRunner:
@@ -110,16 +51,7 @@ class JobRunner:
         self.objects = objects
         self.models = models
         self.uploads = uploads
-        self._context = {"settings": settings}  # the limits params are validated against
-        self._pipelines: dict[str, Callable[[Job, ProgressReporter, Callable[[], bool]], Output]]
-        self._pipelines = {
-            "generate": self._generate,
-            "decode": self._decode,
-            "encode": self._encode,
-            "extend": self._extend,
-            "inpaint": self._inpaint,
-            "transcribe": self._transcribe,
-        }
+        self.inputs = InputResolver(jobs, uploads, objects)
 
     # ----- lifecycle --------------------------------------------------------------------------
 
@@ -180,8 +112,7 @@ class JobRunner:
         self._run_started(started)
 
     def _run_started(self, job: Job) -> None:
-        pipeline = self._pipelines.get(job.type)
-        if pipeline is None:
+        if job.type not in HANDLERS:
             self.jobs.fail(job.id, "unsupported", f"this worker does not run {job.type!r} jobs")
             return
         deadline = time.monotonic() + self.settings.job_time_limit_s
@@ -206,11 +137,26 @@ class JobRunner:
 
         try:
             with ProgressReporter(self.jobs, job.id) as progress:
-                output = pipeline(job, progress, should_abort)
+                entry = JOB_TYPES[job.type]
+                params = parse_params(entry, job.params, self.settings)
+                inputs = self.inputs.resolve(job.tenant, entry.inputs, params)
+                if entry.check is not None:
+                    entry.check(params, inputs)
+                context = JobContext(
+                    job,
+                    params,
+                    inputs,
+                    self.models,
+                    self.inputs,
+                    self.settings,
+                    progress,
+                    should_abort,
+                )
+                output = HANDLERS[job.type](context)
                 progress.update("uploading", PIPELINE_SHARE)
                 if should_abort():
                     raise PipelineAborted
-                names = self._write_artifacts(job, output)
+                names = self._write_artifacts(job, entry.artifact_names(params), output)
                 progress.update("uploading", 100.0)
             if should_abort():
                 raise PipelineAborted
@@ -224,7 +170,7 @@ class JobRunner:
             else:
                 self._delete_artifacts(job)
                 self.jobs.mark_cancelled(job.id)
-        except (RequestError, InputError, AudioError, GapError) as error:
+        except (RequestError, InputError, AudioError, ValidationError) as error:
             self._end_failed(job, "invalid_params", str(error))
         except NothingGenerated as error:
             self._end_failed(job, "nothing_generated", str(error))
@@ -236,8 +182,11 @@ class JobRunner:
         self._delete_artifacts(job)
         self.jobs.fail(job.id, code, message)
 
-    def _write_artifacts(self, job: Job, output: Output) -> list[str]:
-        """Every file, then metadata.json: a job without metadata is incomplete."""
+    def _write_artifacts(self, job: Job, declared: tuple[str, ...], output: Output) -> list[str]:
+        """Every file, then metadata.json: a job without metadata is incomplete. The files must
+        be the ones its registry entry declares (clients and downloads rely on those names)."""
+        if [*output.files, METADATA] != list(declared):
+            raise RuntimeError(f"{job.type} wrote {sorted(output.files)}, declared {declared}")
         for name, data in output.files.items():
             key = artifact_key(job.tenant, job.id, name)
             self.objects.put_bytes(key, data, content_type_for(name))
@@ -259,223 +208,3 @@ class JobRunner:
             self.objects.delete_prefix(job_prefix(job.tenant, job.id))
         except Exception:  # noqa: BLE001 (cleanup must not hide the job's real outcome)
             log.exception("job %s: deleting partial artifacts failed", job.id)
-
-    # ----- pipelines --------------------------------------------------------------------------
-
-    @staticmethod
-    def _report(progress: ProgressReporter) -> Progress:
-        def report(stage: str, fraction: float, done: int | None = None, total: int | None = None):
-            progress.update(stage, PIPELINE_SHARE * fraction, done, total)
-
-        return report
-
-    def _song_output(self, params: _SongParams, seed: int, song: Song, **extra: object) -> Output:
-        return Output(
-            files={
-                TOKENS: tokens_bytes(song.tokens),
-                f"audio.{params.format}": encode_audio(song.audio, params.format),
-            },
-            metadata={
-                "params": {**params.model_dump(), "seed": seed},
-                "seed": seed,
-                "frames": int(song.tokens.shape[1]),
-                "finish_reason": song.finish_reason,
-                "sample_rate": SAMPLE_RATE,
-                "duration_s": song.audio.shape[1] / SAMPLE_RATE,
-                **extra,
-            },
-        )
-
-    def _generate(
-        self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]
-    ) -> Output:
-        params = GenerateParams.model_validate(job.params, context=self._context)
-        seed = job_seed(job, params.seed)
-        song = generate_song(
-            self.models.engine(),
-            self.models.codec(),
-            self.models.codec_lock,
-            _request(params, seed),
-            self._report(progress),
-            should_abort,
-        )
-        return self._song_output(params, seed, song)
-
-    def _extend(
-        self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]
-    ) -> Output:
-        """Parent tokens + new frames, decoded whole. An uploaded song was encoded first by
-        the parent encode job this one waited for."""
-        params = ExtendParams.model_validate(job.params, context=self._context)
-        field = "source_job_id" if params.source_job_id else "upload_id"
-        parent_id = params.source_job_id or job.parent_job_id
-        parent = self._job_tokens(job, parent_id, field)
-        seed = job_seed(job, params.seed)
-        song = generate_song(
-            self.models.engine(),
-            self.models.codec(),
-            self.models.codec_lock,
-            _request(params, seed, history=parent),
-            self._report(progress),
-            should_abort,
-        )
-        return self._song_output(
-            params, seed, song, parent_job_id=parent_id, parent_frames=int(parent.shape[1])
-        )
-
-    def _inpaint(
-        self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]
-    ) -> Output:
-        params = InpaintParams.model_validate(job.params, context=self._context)
-        tokens = self._job_tokens(job, params.source_job_id, "source_job_id")
-        audio = self._job_audio(job, params.source_job_id)
-        gap = plan_gap(params.start_s, params.end_s, tokens.shape[1])
-        seed = job_seed(job, params.seed)
-        song = inpaint_song(
-            self.models.engine(),
-            self.models.codec(),
-            self.models.codec_lock,
-            tokens,
-            audio,
-            gap,
-            _request(params, seed),
-            self._report(progress),
-            should_abort,
-        )
-        return self._song_output(
-            params,
-            seed,
-            song,
-            parent_job_id=params.source_job_id,
-            gap_frames=[gap.start, gap.stop],
-        )
-
-    def _decode(
-        self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]
-    ) -> Output:
-        params = DecodeParams.model_validate(job.params, context=self._context)
-        tokens = self._decode_source(job, params)
-        seed = job_seed(job, params.seed)
-        progress.update("decoding", 0.0, 0, tokens.shape[1])
-        audio = decode_tokens(
-            self.models.codec(),
-            tokens,
-            seed=seed,
-            steps=params.steps,
-            lock=self.models.codec_lock,
-            on_fraction=lambda f: progress.update("decoding", PIPELINE_SHARE * f),
-            should_abort=should_abort,
-        )
-        return Output(
-            files={f"audio.{params.format}": encode_audio(audio, params.format)},
-            metadata={
-                "params": {**params.model_dump(), "seed": seed},
-                "seed": seed,
-                "frames": int(tokens.shape[1]),
-                "sample_rate": SAMPLE_RATE,
-                "duration_s": audio.shape[1] / SAMPLE_RATE,
-            },
-        )
-
-    def _decode_source(self, job: Job, params: DecodeParams) -> np.ndarray:
-        """The tokens a decode job names: another job's tokens.npy or a .npy upload."""
-        if params.source_job_id is not None:
-            return self._job_tokens(job, params.source_job_id, "source_job_id")
-        upload = self._upload(job, params.tokens_upload_id, "tokens_upload_id", "tokens")
-        return read_tokens(self.objects.get_bytes(upload.key), "tokens_upload_id")
-
-    def _source_job(
-        self, job: Job, source_id: str | None, field: str, names: tuple[str, ...]
-    ) -> tuple[Job, str]:
-        """A finished job of the same tenant and the first of `names` among its artifacts."""
-        source = None if source_id is None else self.jobs.get_for_tenant(job.tenant, source_id)
-        found = [n for n in names if source is not None and n in source.artifacts]
-        if source is None or not found:
-            wanted = " or ".join(names)
-            raise InputError(field, f"no job {source_id} with {wanted} for this tenant")
-        return source, found[0]
-
-    def _job_tokens(self, job: Job, source_id: str | None, field: str) -> np.ndarray:
-        source, name = self._source_job(job, source_id, field, (TOKENS,))
-        return read_tokens(self.objects.get_bytes(artifact_key(job.tenant, source.id, name)), field)
-
-    def _job_audio(self, job: Job, source_id: str | None) -> np.ndarray:
-        """A finished job's audio at 48 kHz stereo, [2, samples] float32."""
-        source, name = self._source_job(job, source_id, "source_job_id", AUDIO_ARTIFACTS)
-        data = self.objects.get_bytes(artifact_key(job.tenant, source.id, name))
-        audio, rate = read_audio(data, name="source_job_id")
-        if rate != SAMPLE_RATE or audio.shape[0] != 2:
-            raise InputError("source_job_id", f"{name} is not {SAMPLE_RATE} Hz stereo")
-        return audio
-
-    def _encode(
-        self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]
-    ) -> Output:
-        params = EncodeParams.model_validate(job.params, context=self._context)
-        upload = self._upload(job, params.upload_id, "upload_id", "audio")
-        progress.update("encoding", 0.0)
-        audio, sample_rate = read_audio(
-            self.objects.get_bytes(upload.key), self.settings.max_upload_seconds, "upload_id"
-        )
-        tokens = tokenize_audio(
-            self.models.encoder(),
-            audio,
-            sample_rate,
-            on_fraction=lambda f: progress.update("encoding", PIPELINE_SHARE * f),
-            should_abort=should_abort,
-        )
-        return Output(
-            files={TOKENS: tokens_bytes(tokens)},
-            metadata={
-                "params": params.model_dump(),
-                "frames": int(tokens.shape[1]),
-                "source_sample_rate": sample_rate,
-            },
-        )
-
-    def _transcribe(
-        self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]
-    ) -> Output:
-        """transcript.json (text, timed segments, words where the model gives them) plus
-        lyrics.lrc and lyrics.srt for karaoke display."""
-        params = TranscribeParams.model_validate(job.params, context=self._context)
-        if params.upload_id is not None:
-            key = self._upload(job, params.upload_id, "upload_id", "audio").key
-            field = "upload_id"
-        else:
-            source, name = self._source_job(
-                job, params.source_job_id, "source_job_id", AUDIO_ARTIFACTS
-            )
-            key, field = artifact_key(job.tenant, source.id, name), "source_job_id"
-        audio, rate = read_audio(
-            self.objects.get_bytes(key), self.settings.max_upload_seconds, field
-        )
-        progress.update("transcribing", 0.0)
-        try:
-            transcript = self.models.transcriber().transcribe(
-                audio,
-                rate,
-                language=params.language,
-                on_progress=lambda done, total: progress.update(
-                    "transcribing", PIPELINE_SHARE * done / total
-                ),
-                should_abort=should_abort,
-            )
-        except TranscriptionAborted as error:
-            raise PipelineAborted from error
-        return Output(
-            files={
-                TRANSCRIPT: json.dumps(transcript.to_json(), indent=2).encode(),
-                "lyrics.lrc": to_lrc(transcript).encode(),
-                "lyrics.srt": to_srt(transcript).encode(),
-            },
-            metadata={"params": params.model_dump(), "source_sample_rate": rate},
-        )
-
-    def _upload(self, job: Job, upload_id: str | None, field: str, kind: str) -> Upload:
-        upload = None if upload_id is None else self.uploads.get_for_tenant(job.tenant, upload_id)
-        if upload is None:
-            raise InputError(field, f"no upload {upload_id} for this tenant")
-        if upload.kind != kind:
-            raise InputError(field, f"upload {upload_id} holds {upload.kind}, not {kind}")
-        return upload

@@ -173,8 +173,10 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     }
     if "lyrics" in params:
         params["lyrics"] = read_text_or_file(params["lyrics"])
-    if getattr(args, "audio", None):
-        params["upload_id"] = client.upload(Path(args.audio))["id"]
+    for field in args.upload_fields:
+        path = getattr(args, f"upload:{field}", None)
+        if path is not None:
+            params[field] = client.upload(Path(path))["id"]
     job = client.submit(args.type, params, idempotency_key=args.idempotency_key)
     if not args.watch:
         print(job["id"])
@@ -241,6 +243,8 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_cluster_commands(commands: argparse._SubParsersAction) -> None:
+    from api.client.submit_options import submit_parsers
+
     worker = commands.add_parser("worker", help="run one Celery worker (gpu, cpu or train queue)")
     worker.add_argument("kind", choices=("gpu", "cpu", "train"))
     worker.add_argument(
@@ -269,64 +273,13 @@ def add_cluster_commands(commands: argparse._SubParsersAction) -> None:
     submit = commands.add_parser("submit", help="submit a job to the gateway")
     kinds = submit.add_subparsers(dest="type", required=True)
 
-    def kind(name: str, text: str, *params: str) -> argparse.ArgumentParser:
-        """A submit subcommand; `params` are the API params its options fill (unset: the
-        gateway's default, e.g. the parent's tags for extend)."""
-        parser = kinds.add_parser(name, help=text)
-        parser.set_defaults(param_names=params, handler=_reporting_errors(_cmd_submit))
+    def common(parser: argparse.ArgumentParser) -> None:
+        parser.set_defaults(handler=_reporting_errors(_cmd_submit))
         parser.add_argument("--idempotency-key", help="retrying with it never makes two jobs")
         parser.add_argument("--watch", action="store_true", help="show progress until done")
         _client_options(parser)
-        return parser
 
-    def prompt_options(parser: argparse.ArgumentParser, required: bool) -> None:
-        default = None if required else "(the parent's)"
-        parser.add_argument("--tags", required=required, help=f"comma-separated, {default}")
-        parser.add_argument("--lyrics", help="lyrics text, or a file holding them")
-
-    def sampling_options(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--temperature", type=float)
-        parser.add_argument("--top-k", type=int)
-        parser.add_argument("--cfg-scale", type=float)
-        parser.add_argument("--seed", type=int, help="default: the worker picks one (recorded)")
-        parser.add_argument("--format", choices=("flac", "wav", "mp3"))
-
-    song = ("tags", "lyrics", "temperature", "top_k", "cfg_scale", "seed", "format")
-    gen = kind("generate", "tags + lyrics → song", *song, "duration_s")
-    prompt_options(gen, required=True)
-    gen.add_argument("--duration", dest="duration_s", type=float, help="seconds (default 30)")
-    sampling_options(gen)
-
-    ext = kind("extend", "continue a song", *song, "duration_s", "source_job_id")
-    source = ext.add_mutually_exclusive_group(required=True)
-    source.add_argument("--source-job-id", help="a finished job's song")
-    source.add_argument("--audio", help="an audio file to upload and continue")
-    ext.add_argument("--duration", dest="duration_s", type=float, help="seconds to add")
-    prompt_options(ext, required=False)
-    sampling_options(ext)
-
-    inp = kind(
-        "inpaint", "regenerate [start, end) of a song", *song, "source_job_id", "start_s", "end_s"
-    )
-    inp.add_argument("--source-job-id", required=True)
-    inp.add_argument("--start", dest="start_s", type=float, required=True, help="seconds")
-    inp.add_argument("--end", dest="end_s", type=float, required=True, help="seconds")
-    prompt_options(inp, required=False)
-    sampling_options(inp)
-
-    dec = kind(
-        "decode", "a finished job's tokens → audio", "source_job_id", "steps", "seed", "format"
-    )
-    dec.add_argument("--source-job-id", required=True)
-    dec.add_argument("--steps", type=int)
-    dec.add_argument("--seed", type=int)
-    dec.add_argument("--format", choices=("flac", "wav", "mp3"))
-
-    tra = kind("transcribe", "lyrics from a song", "source_job_id", "language")
-    source = tra.add_mutually_exclusive_group(required=True)
-    source.add_argument("--source-job-id", help="a finished job's audio")
-    source.add_argument("--audio", help="an audio file to upload and transcribe")
-    tra.add_argument("--language", help="e.g. en (default: detected)")
+    submit_parsers(kinds, common)
 
     for name, handler, text in (
         ("status", _cmd_status, "show a job"),

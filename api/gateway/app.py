@@ -15,6 +15,7 @@ from flask import Flask, current_app
 
 from api.gateway.errors import register_error_handlers
 from shared.core.config import Settings
+from shared.core.inputs import InputResolver
 from shared.core.jobs import JobStore, UploadStore
 from shared.core.queueing import make_celery
 from shared.core.storage import ObjectStore, store_from_settings
@@ -33,6 +34,11 @@ class Services:
     tenants: TenantStore
     store: ObjectStore
     celery: Any  # celery.Celery, or a stand-in with send_task / control in tests
+
+    @property
+    def inputs(self) -> InputResolver:
+        """Resolves the jobs and uploads a submit refers to (the workers use the same rules)."""
+        return InputResolver(self.jobs, self.uploads, self.store)
 
 
 def services() -> Services:

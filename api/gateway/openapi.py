@@ -13,8 +13,8 @@ from pydantic.json_schema import models_json_schema
 from api.gateway.app import services
 from shared.core.config import Settings
 from shared.core.jobs import STATES
+from shared.core.jobtypes import JOB_TYPES
 from shared.core.schemas import (
-    PARAMS_FOR_TYPE,
     ErrorBody,
     JobList,
     JobOut,
@@ -54,7 +54,7 @@ def _job_id_param() -> dict[str, Any]:
 
 def build_document(settings: Settings) -> dict[str, Any]:
     inputs = [(SubmitRequest, "validation")] + [
-        (model, "validation") for model in PARAMS_FOR_TYPE.values()
+        (model, "validation") for model in (t.params for t in JOB_TYPES.values())
     ]
     outputs = [(model, "serialization") for model in (JobOut, JobList, UploadOut, ErrorBody)]
     _, definitions = models_json_schema(inputs + outputs, ref_template=_REF)
@@ -64,7 +64,7 @@ def build_document(settings: Settings) -> dict[str, Any]:
     generate["duration_s"]["maximum"] = settings.max_duration_s
     schemas["SubmitRequest"]["properties"]["params"] = {
         "description": "Parameters of the job `type`.",
-        "oneOf": [_ref(model.__name__) for model in PARAMS_FOR_TYPE.values()],
+        "oneOf": [_ref(model.__name__) for model in (t.params for t in JOB_TYPES.values())],
     }
     job_path = {"parameters": [_job_id_param()]}
     return {
@@ -106,7 +106,7 @@ def build_document(settings: Settings) -> dict[str, Any]:
                     "operationId": "listJobs",
                     "parameters": [
                         {"name": "state", "in": "query", "schema": {"enum": list(STATES)}},
-                        {"name": "type", "in": "query", "schema": {"enum": list(PARAMS_FOR_TYPE)}},
+                        {"name": "type", "in": "query", "schema": {"enum": list(JOB_TYPES)}},
                         {
                             "name": "limit",
                             "in": "query",

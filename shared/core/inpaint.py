@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shared.core.tokens import InputError
+
 FRAME_S = 0.08
 SAMPLES_PER_FRAME = 3840  # 80 ms at 48 kHz
 CONTEXT_FRAMES = 100  # 8 s decoded on each side of the gap
@@ -27,12 +29,8 @@ INPAINT_TOP_K = 30
 INPAINT_CFG_SCALE = 1.0
 
 
-class GapError(ValueError):
+class GapError(InputError):
     """An inpainting range that cannot be used; `field` names the parameter."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
 
 
 @dataclass(frozen=True)

@@ -11,18 +11,9 @@ from kombu import Exchange, Queue
 
 from shared.core.config import Settings
 from shared.core.jobs import Job
+from shared.core.jobtypes import QUEUES, job_type
 
 TASK_NAME = "heartcluster.run_job"
-QUEUES = ("gpu", "cpu", "train")
-QUEUE_FOR_TYPE = {
-    "generate": "gpu",
-    "decode": "gpu",
-    "encode": "cpu",
-    "extend": "gpu",
-    "inpaint": "gpu",
-    "transcribe": "cpu",
-    "finetune": "train",
-}
 # Redis redelivers an unacknowledged message after the visibility timeout; it must outlast the
 # longest job, or a healthy long job would run twice.
 VISIBILITY_MARGIN_S = 600
@@ -68,11 +59,8 @@ def make_celery(settings: Settings, main: str = "heartcluster") -> Celery:
 
 
 def enqueue(celery_app: Celery, job: Job) -> None:
-    """Send the job's id to the queue for its type; the Celery task id is the job id."""
-    try:
-        queue = QUEUE_FOR_TYPE[job.type]
-    except KeyError:
-        raise ValueError(f"no queue for job type {job.type!r}") from None
+    """Send the job's id to the queue of its type; the Celery task id is the job id."""
+    queue = job_type(job.type).queue
     celery_app.send_task(TASK_NAME, args=[job.id], task_id=job.id, queue=queue)
 
 

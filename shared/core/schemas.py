@@ -29,7 +29,9 @@ SEED_MAX = 2**32 - 1
 AUDIO_VOCAB = 8197  # HeartMuLa's per-codebook vocabulary (top_k cannot exceed it)
 
 
-class _Params(BaseModel):
+class Params(BaseModel):
+    """Base of every job type's params model (see shared/core/jobtypes.py)."""
+
     # strict: "30" is not a number and 7.0 is not an integer; forbid: a misspelt field is an
     # error, not a silently ignored option
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
@@ -40,7 +42,7 @@ def _limits(info: ValidationInfo) -> Settings:
     return context.get("settings") or Settings()
 
 
-class _PromptParams(_Params):
+class _PromptParams(Params):
     """Tag-count and lyrics-length limits for every job type that takes a prompt."""
 
     @field_validator("tags", check_fields=False)
@@ -104,7 +106,7 @@ def _second_source(value: str | None, info: ValidationInfo, first: str) -> str |
     return value
 
 
-class DecodeParams(_Params):
+class DecodeParams(Params):
     """Tokens → audio, from a finished job's tokens.npy or an uploaded .npy ([8, T] codes)."""
 
     source_job_id: str | None = Field(None, min_length=1)
@@ -119,7 +121,7 @@ class DecodeParams(_Params):
         return _second_source(value, info, "source_job_id")
 
 
-class EncodeParams(_Params):
+class EncodeParams(Params):
     """Audio → tokens, from an uploaded audio file."""
 
     upload_id: str = Field(min_length=1)
@@ -164,7 +166,7 @@ class InpaintParams(_PromptParams):
         return value
 
 
-class TranscribeParams(_Params):
+class TranscribeParams(Params):
     """Lyrics from audio: an audio upload or a finished job's audio."""
 
     source_job_id: str | None = Field(None, min_length=1)
@@ -177,21 +179,10 @@ class TranscribeParams(_Params):
         return _second_source(value, info, "source_job_id")
 
 
-PARAMS_FOR_TYPE: dict[str, type[_Params]] = {
-    "generate": GenerateParams,
-    "decode": DecodeParams,
-    "encode": EncodeParams,
-    "extend": ExtendParams,
-    "inpaint": InpaintParams,
-    "transcribe": TranscribeParams,
-}
-JobType = Literal["generate", "decode", "encode", "extend", "inpaint", "transcribe"]
-
-
 class SubmitRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: JobType
+    type: str = Field(description="A job type of shared/core/jobtypes.py (generate, extend, ...).")
     params: dict[str, Any] = Field(
         default_factory=dict,
         description="The params schema of `type` (GenerateParams, ExtendParams, ...).",
@@ -214,32 +205,15 @@ class InvalidRequest(ValueError):
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.message = message
-        self.details = details or []
+        self.details = details or ([{"field": field, "message": message}] if field else [])
 
 
-def _invalid(error: ValidationError, prefix: tuple[str, ...] = ()) -> InvalidRequest:
+def invalid_request(error: ValidationError, prefix: tuple[str, ...] = ()) -> InvalidRequest:
     details = [
         {"field": ".".join(str(part) for part in (*prefix, *e["loc"])), "message": e["msg"]}
         for e in error.errors(include_url=False)
     ]
     return InvalidRequest(details[0]["field"], details[0]["message"], details)
-
-
-def parse_submit(body: Any, settings: Settings) -> tuple[SubmitRequest, _Params]:
-    """Validate a submit body: the envelope, then the params against the type's schema."""
-    if not isinstance(body, dict):
-        raise InvalidRequest(None, "the body must be a JSON object")
-    try:
-        request = SubmitRequest.model_validate(body)
-    except ValidationError as error:
-        raise _invalid(error) from None
-    try:
-        params = PARAMS_FOR_TYPE[request.type].model_validate(
-            request.params, context={"settings": settings}
-        )
-    except ValidationError as error:
-        raise _invalid(error, ("params",)) from None
-    return request, params
 
 
 # -- responses ------------------------------------------------------------------------------

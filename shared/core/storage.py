@@ -42,6 +42,10 @@ def content_type_for(name: str) -> str:
     return CONTENT_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
 
 
+TOKENS = "tokens.npy"  # a song's codes, [8, T]
+METADATA = "metadata.json"  # written last by every job: its presence marks the job complete
+
+
 def artifact_key(tenant: str, job_id: str, name: str) -> str:
     return f"tenants/{tenant}/jobs/{job_id}/{name}"
 

@@ -8,6 +8,7 @@ import pytest
 
 from shared.core.config import Settings
 from shared.core.jobs import STATES, Job
+from shared.core.jobtypes import parse_submit
 from shared.core.schemas import (
     DecodeParams,
     GenerateParams,
@@ -15,7 +16,6 @@ from shared.core.schemas import (
     JobOut,
     JobState,
     job_out,
-    parse_submit,
 )
 
 SETTINGS = Settings.from_env(
@@ -28,7 +28,9 @@ SETTINGS = Settings.from_env(
 
 
 def submit(params: dict, type: str = "generate", **extra) -> tuple:
-    return parse_submit({"type": type, "params": params, **extra}, SETTINGS)
+    request, entry, params = parse_submit({"type": type, "params": params, **extra}, SETTINGS)
+    assert entry.name == request.type and isinstance(params, entry.params)
+    return request, params
 
 
 def test_generate_defaults_and_normalised_tags() -> None:

@@ -17,8 +17,9 @@ import redis
 from shared.core.config import Settings
 from shared.core.jobs import Job, JobStore, UploadStore
 from shared.core.storage import LocalStore, artifact_key
+from workers.handlers import job_seed
 from workers.models import WorkerModels
-from workers.runner import JobRunner, job_seed
+from workers.runner import JobRunner
 
 SHORT = {"tags": "piano,happy", "duration_s": 1.0, "cfg_scale": 1.0}
 ENQUEUED: list[Job] = []  # jobs the runner released (dependents of finished jobs)

@@ -2,42 +2,28 @@
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 from flask import Blueprint, Response, jsonify, redirect, request, send_file, stream_with_context
 from flask.typing import ResponseReturnValue
 
 from api.gateway.app import services
 from api.gateway.auth import authenticate, current_tenant
 from api.gateway.errors import ApiError
-from shared.core.inpaint import GapError, plan_gap
-from shared.core.jobs import STATES, Job, Upload
+from shared.core.inputs import InputNotFound, SourceUpload
+from shared.core.jobs import STATES, Job
+from shared.core.jobtypes import JOB_TYPES, JobType, parse_submit
 from shared.core.queueing import enqueue, revoke
-from shared.core.schemas import (
-    AUDIO_ARTIFACTS,
-    PARAMS_FOR_TYPE,
-    DecodeParams,
-    EncodeParams,
-    ExtendParams,
-    InpaintParams,
-    InvalidRequest,
-    TranscribeParams,
-    job_out,
-    parse_submit,
-)
+from shared.core.schemas import InvalidRequest, Params, job_out
 from shared.core.storage import ObjectNotFound, artifact_key, content_type_for
-from shared.core.tokens import FRAMES_PER_SECOND
+from shared.core.tokens import InputError
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 bp.before_request(authenticate)
 
 MAX_PAGE = 200
-CONTEXT_POSITIONS = 8192  # HeartMuLa's context: prompt + song frames
-MIN_PROMPT_ROWS = 6  # BOS <tags> EOS, the muq slot, BOS EOS: the shortest possible prompt
 SSE_KEEPALIVE_S = 15.0
 
 
@@ -56,98 +42,25 @@ def _json_body() -> Any:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {error}") from None
 
 
-def _source_job(tenant: str, job_id: str, field: str, *needs: tuple[str, ...]) -> Job:
-    """A finished job of this tenant (404 if not theirs) holding, for each group in `needs`,
-    one of its artifacts (422 if not)."""
-    source = services().jobs.get_for_tenant(tenant, job_id)
-    if source is None:
-        raise ApiError(404, "not_found", f"no job {job_id}", field)
-    for names in needs:
-        if source.state != "succeeded" or not any(n in source.artifacts for n in names):
-            raise ApiError(
-                422,
-                "invalid_params",
-                f"job {source.id} has no {' or '.join(names)} (state {source.state})",
-                field,
-            )
-    return source
+def _check_inputs(tenant: str, entry: JobType, params: Params) -> tuple[Job | None, Job | None]:
+    """The jobs and uploads the params name must be this tenant's (else 404) and usable (else
+    422); then the type's own checks, which may fill inherited params in place.
 
-
-def _song_frames(source: Job) -> int:
-    """Frames of a finished job's tokens.npy (read from the store: a few kilobytes)."""
-    data = services().store.get_bytes(artifact_key(source.tenant, source.id, "tokens.npy"))
-    return int(np.load(io.BytesIO(data), allow_pickle=False).shape[1])
-
-
-def _check_extension_fits(song_frames: int, params: ExtendParams) -> None:
-    """Refuse at once what cannot fit the model's context (the worker re-checks exactly,
-    with the real prompt length)."""
-    new_frames = round(params.duration_s * 1000) // 80
-    room = CONTEXT_POSITIONS - MIN_PROMPT_ROWS - song_frames
-    if new_frames > room:
-        raise ApiError(
-            422,
-            "invalid_params",
-            f"the song has {song_frames} frames; with the prompt at most {max(room, 0)} new "
-            f"frames ({max(room, 0) * 0.08:.2f} s) fit the {CONTEXT_POSITIONS}-position context",
-            "params.duration_s",
-        )
-
-
-def _inherit_prompt(params: Any, parent: Job | None) -> None:
-    """Extend/inpaint: tags and lyrics default to the parent job's."""
-    inherited = parent.params if parent is not None else {}
-    if params.tags is None:
-        params.tags = inherited.get("tags")
-        if params.tags is None:
-            raise ApiError(
-                422, "invalid_params", "the source has no tags to reuse; give tags", "params.tags"
-            )
-    if params.lyrics is None:
-        params.lyrics = inherited.get("lyrics", "")
-
-
-def _check_inputs(tenant: str, params: Any) -> Job | None:
-    """Referenced jobs and uploads must be this tenant's (else 404) and usable (else 422).
-
-    Returns the parent job the new one builds on, if any; fills inherited params in place.
+    Returns (the parent job the new one builds on, a first step to run before it).
     """
-    source_id = getattr(params, "source_job_id", None)
-    parent = None
-    if isinstance(params, DecodeParams | ExtendParams) and source_id is not None:
-        parent = _source_job(tenant, source_id, "params.source_job_id", ("tokens.npy",))
-        if isinstance(params, ExtendParams):
-            _check_extension_fits(_song_frames(parent), params)
-    elif isinstance(params, InpaintParams):
-        parent = _source_job(
-            tenant, source_id, "params.source_job_id", ("tokens.npy",), AUDIO_ARTIFACTS
-        )
-        try:
-            plan_gap(params.start_s, params.end_s, _song_frames(parent))
-        except GapError as error:
-            raise ApiError(422, "invalid_params", str(error), f"params.{error.field}") from None
-    elif isinstance(params, TranscribeParams) and source_id is not None:
-        parent = _source_job(tenant, source_id, "params.source_job_id", AUDIO_ARTIFACTS)
-    if isinstance(params, DecodeParams) and source_id is None:
-        _upload_of_kind(tenant, params.tokens_upload_id, "tokens", "params.tokens_upload_id")
-    if isinstance(params, EncodeParams | ExtendParams | TranscribeParams) and params.upload_id:
-        upload = _upload_of_kind(tenant, params.upload_id, "audio", "params.upload_id")
-        if isinstance(params, ExtendParams):
-            _check_extension_fits(int(upload.duration_s * FRAMES_PER_SECOND) + 1, params)
-    if isinstance(params, ExtendParams | InpaintParams):
-        _inherit_prompt(params, parent)
-    return parent
-
-
-def _upload_of_kind(tenant: str, upload_id: str | None, kind: str, field: str) -> Upload:
-    upload = services().uploads.get_for_tenant(tenant, upload_id or "")
-    if upload is None:
-        raise ApiError(404, "not_found", f"no upload {upload_id}", field)
-    if upload.kind != kind:
-        raise ApiError(
-            422, "invalid_params", f"upload {upload.id} is {upload.kind}, not {kind}", field
-        )
-    return upload
+    try:
+        resolved = services().inputs.resolve(tenant, entry.inputs, params)
+        if entry.check is not None:
+            entry.check(params, resolved)
+    except InputNotFound as error:
+        raise ApiError(404, "not_found", error.message, f"params.{error.field}") from None
+    except InputError as error:
+        raise ApiError(422, "invalid_params", error.message, f"params.{error.field}") from None
+    for spec in entry.inputs:
+        if isinstance(spec, SourceUpload) and spec.first_step and spec.field in resolved.uploads:
+            first = Job.new(tenant, spec.first_step, {spec.field: resolved.uploads[spec.field].id})
+            return first, first
+    return resolved.parent, None
 
 
 @bp.post("")
@@ -160,7 +73,7 @@ def submit() -> ResponseReturnValue:
     svc = services()
     tenant = current_tenant()
     try:
-        submission, params = parse_submit(_json_body(), svc.settings)
+        submission, entry, params = parse_submit(_json_body(), svc.settings)
     except InvalidRequest as error:
         # a body that is not an object is malformed (400); a bad field is invalid (422)
         if error.field is None:
@@ -170,17 +83,14 @@ def submit() -> ResponseReturnValue:
         api_error.extra["details"] = error.details
         raise api_error from None
     key = _idempotency_key(submission.idempotency_key)
-    parent = _check_inputs(tenant, params)
-    # An extend of an uploaded song waits for an encode job of that upload (its parent).
-    first_step = None
-    if isinstance(params, ExtendParams) and params.upload_id is not None:
-        first_step = Job.new(tenant, "encode", {"upload_id": params.upload_id})
-        parent = first_step
+    # an extend of an uploaded song waits for an encode job of that upload (its parent)
+    parent, first_step = _check_inputs(tenant, entry, params)
     job = Job.new(
         tenant, submission.type, params.model_dump(), parent_job_id=parent.id if parent else None
     )
     if first_step is not None:
-        job.stage, job.message = "waiting", f"waiting for encode job {first_step.id}"
+        job.stage = "waiting"
+        job.message = f"waiting for {first_step.type} job {first_step.id}"
     if key is None:
         svc.jobs.create(job)
     else:
@@ -234,10 +144,8 @@ def list_jobs() -> ResponseReturnValue:
     state, job_type = args.get("state"), args.get("type")
     if state is not None and state not in STATES:
         raise ApiError(422, "invalid_params", f"state must be one of {list(STATES)}", "state")
-    if job_type is not None and job_type not in PARAMS_FOR_TYPE:
-        raise ApiError(
-            422, "invalid_params", f"type must be one of {list(PARAMS_FOR_TYPE)}", "type"
-        )
+    if job_type is not None and job_type not in JOB_TYPES:
+        raise ApiError(422, "invalid_params", f"type must be one of {list(JOB_TYPES)}", "type")
     try:
         limit = int(args.get("limit", "50"))
     except ValueError:

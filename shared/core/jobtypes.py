@@ -1,0 +1,187 @@
+"""The job-type registry: every job type declared once, with everything the cluster derives
+from it.
+
+An entry names the type's params model, its queue, the jobs and uploads its params may refer to
+(and what each must hold), the artifacts it writes, and the extra checks the gateway runs at
+submit. Request validation, routing, the gateway's input checks, the workers' dispatch
+(`workers/handlers.py`, checked against this table at import), the CLI's `submit` subcommands
+and the OpenAPI document all read this table, so adding a type is: its params model
+(`shared/core/schemas.py`), its entry here, its handler, its tests. No torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from shared.core.config import Settings
+from shared.core.constants import CONTEXT_POSITIONS, FRAME_S, MIN_PROMPT_ROWS, frames_for_seconds
+from shared.core.inpaint import plan_gap
+from shared.core.inputs import Resolved, SourceJob, SourceUpload
+from shared.core.schemas import (
+    AUDIO_ARTIFACTS,
+    DecodeParams,
+    EncodeParams,
+    ExtendParams,
+    GenerateParams,
+    InpaintParams,
+    InvalidRequest,
+    Params,
+    SubmitRequest,
+    TranscribeParams,
+    invalid_request,
+)
+from shared.core.storage import METADATA, TOKENS
+from shared.core.tokens import InputError
+
+Queue = Literal["gpu", "cpu", "train"]
+QUEUES: tuple[Queue, ...] = ("gpu", "cpu", "train")
+
+AUDIO = "audio.{format}"  # one name per song, in the format its params ask for
+
+
+@dataclass(frozen=True)
+class JobType:
+    name: str
+    summary: str
+    params: type[Params]
+    queue: Queue
+    # the jobs and uploads the params may name (each checked for owner, kind and state)
+    inputs: tuple[SourceJob | SourceUpload, ...] = ()
+    # what a succeeded job holds besides metadata.json; `{format}` is the params' format
+    artifacts: tuple[str, ...] = ()
+    # checks that need the resolved inputs (song lengths...); may fill inherited params
+    check: Callable[[Params, Resolved], None] | None = None
+
+    def artifact_names(self, params: Params) -> tuple[str, ...]:
+        """The artifact names a job with these params writes, metadata.json included."""
+        fmt = getattr(params, "format", None)
+        return (*(name.format(format=fmt) for name in self.artifacts), METADATA)
+
+
+# ----- checks at submit (and again in the worker) -------------------------------------------
+
+
+def _inherit_prompt(params: ExtendParams | InpaintParams, resolved: Resolved) -> None:
+    """Extend/inpaint: tags and lyrics default to the parent job's."""
+    inherited = resolved.parent.params if resolved.parent is not None else {}
+    if params.tags is None:
+        params.tags = inherited.get("tags")
+        if params.tags is None:
+            raise InputError("tags", "the source has no tags to reuse; give tags")
+    if params.lyrics is None:
+        params.lyrics = inherited.get("lyrics", "")
+
+
+def _check_extend(params: Params, resolved: Resolved) -> None:
+    """Refuse at once what cannot fit the model's context (the worker re-checks exactly, with
+    the real prompt length)."""
+    assert isinstance(params, ExtendParams)
+    field = "source_job_id" if params.source_job_id is not None else "upload_id"
+    song_frames = resolved.frames(field)
+    new_frames = frames_for_seconds(params.duration_s)
+    room = max(CONTEXT_POSITIONS - MIN_PROMPT_ROWS - song_frames, 0)
+    if new_frames > room:
+        raise InputError(
+            "duration_s",
+            f"the song has {song_frames} frames; with the prompt at most {room} new frames "
+            f"({room * FRAME_S:.2f} s) fit the {CONTEXT_POSITIONS}-position context",
+        )
+    _inherit_prompt(params, resolved)
+
+
+def _check_inpaint(params: Params, resolved: Resolved) -> None:
+    assert isinstance(params, InpaintParams)
+    plan_gap(params.start_s, params.end_s, resolved.frames("source_job_id"))
+    _inherit_prompt(params, resolved)
+
+
+# ----- the registry -------------------------------------------------------------------------
+
+_SONG = (TOKENS, AUDIO)
+_SOURCE_TOKENS = SourceJob("source_job_id", needs=((TOKENS,),))
+_SOURCE_AUDIO = SourceJob("source_job_id", needs=(AUDIO_ARTIFACTS,))
+
+JOB_TYPES: dict[str, JobType] = {
+    job_type.name: job_type
+    for job_type in (
+        JobType("generate", "tags + lyrics → song", GenerateParams, "gpu", artifacts=_SONG),
+        JobType(
+            "extend",
+            "continue a finished song or an uploaded one",
+            ExtendParams,
+            "gpu",
+            # an uploaded song is encoded by a first `encode` job this one waits for
+            inputs=(_SOURCE_TOKENS, SourceUpload("upload_id", "audio", first_step="encode")),
+            artifacts=_SONG,
+            check=_check_extend,
+        ),
+        JobType(
+            "inpaint",
+            "regenerate [start_s, end_s) of a finished song",
+            InpaintParams,
+            "gpu",
+            inputs=(SourceJob("source_job_id", needs=((TOKENS,), AUDIO_ARTIFACTS)),),
+            artifacts=_SONG,
+            check=_check_inpaint,
+        ),
+        JobType(
+            "decode",
+            "tokens → audio, from a finished job or a .npy upload",
+            DecodeParams,
+            "gpu",
+            inputs=(_SOURCE_TOKENS, SourceUpload("tokens_upload_id", "tokens")),
+            artifacts=(AUDIO,),
+        ),
+        JobType(
+            "encode",
+            "an uploaded song → tokens",
+            EncodeParams,
+            "cpu",
+            inputs=(SourceUpload("upload_id", "audio"),),
+            artifacts=(TOKENS,),
+        ),
+        JobType(
+            "transcribe",
+            "lyrics with timings from a finished song or an uploaded one",
+            TranscribeParams,
+            "cpu",
+            inputs=(_SOURCE_AUDIO, SourceUpload("upload_id", "audio")),
+            artifacts=("transcript.json", "lyrics.lrc", "lyrics.srt"),
+        ),
+    )
+}
+
+
+def job_type(name: str) -> JobType:
+    """The registry entry of `name`, or a ValueError naming the known types."""
+    try:
+        return JOB_TYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown job type {name!r}; known: {sorted(JOB_TYPES)}") from None
+
+
+def parse_params(job_type: JobType, params: dict[str, Any], settings: Settings) -> Params:
+    """A job's params validated against its type's model and this deployment's limits."""
+    return job_type.params.model_validate(params, context={"settings": settings})
+
+
+def parse_submit(body: Any, settings: Settings) -> tuple[SubmitRequest, JobType, Params]:
+    """Validate a submit body: the envelope, the type, then the params against its model."""
+    if not isinstance(body, dict):
+        raise InvalidRequest(None, "the body must be a JSON object")
+    try:
+        request = SubmitRequest.model_validate(body)
+    except ValidationError as error:
+        raise invalid_request(error) from None
+    if request.type not in JOB_TYPES:
+        raise InvalidRequest("type", f"must be one of {sorted(JOB_TYPES)}")
+    entry = JOB_TYPES[request.type]
+    try:
+        params = parse_params(entry, request.params, settings)
+    except ValidationError as error:
+        raise invalid_request(error, ("params",)) from None
+    return request, entry, params
