@@ -188,6 +188,8 @@ def test_transcribe_a_song_on_the_cpu_worker(local_cluster: Cluster) -> None:
     assert {"transcript.json", "lyrics.lrc", "lyrics.srt"} <= set(final["artifacts"])
     transcript = cluster.artifact("alice", job["id"], "transcript.json").json()
     assert transcript["duration_s"] == pytest.approx(0.96)  # 12 frames
-    assert isinstance(transcript["segments"], list)
+    segments = transcript["segments"]
+    assert segments, "the tiny model always writes some text"
+    assert all(0 <= s["start"] <= s["end"] <= transcript["duration_s"] + 1e-6 for s in segments)
     bob = cluster.http("bob").get(f"{cluster.url}/v1/jobs/{job['id']}", timeout=10)
     assert bob.status_code == 404
