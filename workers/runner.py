@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.core.audio import SAMPLE_RATE, AudioError, encode_audio, read_audio
+from shared.core.audio import AudioError, encode_audio, read_audio
 from shared.core.config import Settings
+from shared.core.constants import SAMPLE_RATE
 from shared.core.inpaint import GapError, plan_gap
 from shared.core.jobs import Job, JobStore, Upload, UploadStore
 from shared.core.lyrics import to_lrc, to_srt

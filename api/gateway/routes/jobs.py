@@ -14,6 +14,13 @@ from flask.typing import ResponseReturnValue
 from api.gateway.app import services
 from api.gateway.auth import authenticate, current_tenant
 from api.gateway.errors import ApiError
+from shared.core.constants import (
+    CONTEXT_POSITIONS,
+    FRAME_S,
+    FRAMES_PER_SECOND,
+    MIN_PROMPT_ROWS,
+    frames_for_seconds,
+)
 from shared.core.inpaint import GapError, plan_gap
 from shared.core.jobs import STATES, Job, Upload
 from shared.core.queueing import enqueue, revoke
@@ -30,14 +37,11 @@ from shared.core.schemas import (
     parse_submit,
 )
 from shared.core.storage import ObjectNotFound, artifact_key, content_type_for
-from shared.core.tokens import FRAMES_PER_SECOND
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 bp.before_request(authenticate)
 
 MAX_PAGE = 200
-CONTEXT_POSITIONS = 8192  # HeartMuLa's context: prompt + song frames
-MIN_PROMPT_ROWS = 6  # BOS <tags> EOS, the muq slot, BOS EOS: the shortest possible prompt
 SSE_KEEPALIVE_S = 15.0
 
 
@@ -82,14 +86,14 @@ def _song_frames(source: Job) -> int:
 def _check_extension_fits(song_frames: int, params: ExtendParams) -> None:
     """Refuse at once what cannot fit the model's context (the worker re-checks exactly,
     with the real prompt length)."""
-    new_frames = round(params.duration_s * 1000) // 80
+    new_frames = frames_for_seconds(params.duration_s)
     room = CONTEXT_POSITIONS - MIN_PROMPT_ROWS - song_frames
     if new_frames > room:
         raise ApiError(
             422,
             "invalid_params",
             f"the song has {song_frames} frames; with the prompt at most {max(room, 0)} new "
-            f"frames ({max(room, 0) * 0.08:.2f} s) fit the {CONTEXT_POSITIONS}-position context",
+            f"frames ({max(room, 0) * FRAME_S:.2f} s) fit the {CONTEXT_POSITIONS}-position context",
             "params.duration_s",
         )
 
