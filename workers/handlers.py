@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.core.audio import SAMPLE_RATE, encode_audio, read_audio
+from shared.core.audio import encode_audio, read_audio
 from shared.core.config import Settings
+from shared.core.constants import SAMPLE_RATE
 from shared.core.inpaint import plan_gap
 from shared.core.inputs import InputResolver, Resolved, SourceJob
 from shared.core.jobs import Job

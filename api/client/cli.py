@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from api.client.cluster_cli import add_cluster_commands, read_text_or_file
+from shared.core.constants import FRAMES_PER_SECOND
 
 if TYPE_CHECKING:
     import numpy as np
@@ -85,7 +86,7 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     except (OSError, ValueError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out} ({codes.shape[-1] / 12.5:.2f} s, 48 kHz stereo)")
+    print(f"wrote {args.out} ({codes.shape[-1] / FRAMES_PER_SECOND:.2f} s, 48 kHz stereo)")
     return 0
 
 
@@ -182,7 +183,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     np.save(args.out, tokens)
-    print(f"wrote {args.out} {list(tokens.shape)} ({tokens.shape[1] / 12.5:.2f} s of tokens)")
+    seconds = tokens.shape[1] / FRAMES_PER_SECOND
+    print(f"wrote {args.out} {list(tokens.shape)} ({seconds:.2f} s of tokens)")
     return 0
 
 

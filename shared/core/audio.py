@@ -15,7 +15,8 @@ from typing import BinaryIO
 import numpy as np
 import soundfile as sf
 
-SAMPLE_RATE = 48_000
+from shared.core.constants import SAMPLE_RATE
+
 DEFAULT_FORMAT = "flac"
 # Our format name → (libsndfile container, sample encoding).
 FORMATS: dict[str, tuple[str, str]] = {

@@ -18,6 +18,7 @@ SAMPLE_RATE = 48_000  # what songs are delivered at (stereo)
 CODEC_SAMPLE_RATE = 24_000  # what the codec's encoder reads
 SAMPLES_PER_FRAME = SAMPLE_RATE * FRAME_MS // 1000  # 3840: one frame of delivered audio
 CODEC_SAMPLES_PER_FRAME = CODEC_SAMPLE_RATE * FRAME_MS // 1000  # 1920: one frame at 24 kHz
+WHISPER_SAMPLE_RATE = 16_000  # what Whisper-family models read (transcriber, codec features)
 
 # ----- the token space of one codebook ------------------------------------------------------
 CODEC_CODES = 8192  # real codec codes are 0..8191

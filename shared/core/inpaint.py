@@ -14,11 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shared.core.constants import FRAME_S, SAMPLES_PER_FRAME, frames_for_seconds
 from shared.core.tokens import InputError
 
-FRAME_S = 0.08
-SAMPLES_PER_FRAME = 3840  # 80 ms at 48 kHz
-CONTEXT_FRAMES = 100  # 8 s decoded on each side of the gap
+CONTEXT_FRAMES_EACH_SIDE = frames_for_seconds(8.0)  # 100: decoded on each side of the gap
 CROSSFADE_SAMPLES = 4800  # 0.1 s
 MIN_GAP_S = 0.48
 MAX_GAP_S = 60.0
@@ -67,7 +66,9 @@ def plan_gap(
     return Gap(start, stop)
 
 
-def decode_window(gap: Gap, song_frames: int, context: int = CONTEXT_FRAMES) -> tuple[int, int]:
+def decode_window(
+    gap: Gap, song_frames: int, context: int = CONTEXT_FRAMES_EACH_SIDE
+) -> tuple[int, int]:
     """Frames [lo, hi) to decode: the gap with `context` frames on each side, within the song."""
     return max(gap.start - context, 0), min(gap.stop + context, song_frames)
 

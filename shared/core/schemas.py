@@ -20,13 +20,13 @@ from pydantic import (
 )
 
 from shared.core.config import Settings
+from shared.core.constants import AUDIO_VOCAB
 from shared.core.jobs import Job, Upload
 
 AudioFormat = Literal["flac", "wav", "mp3"]
 AUDIO_ARTIFACTS = tuple(f"audio.{fmt}" for fmt in get_args(AudioFormat))  # a song's audio file
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]  # jobs.STATES
 SEED_MAX = 2**32 - 1
-AUDIO_VOCAB = 8197  # HeartMuLa's per-codebook vocabulary (top_k cannot exceed it)
 
 
 class Params(BaseModel):

@@ -9,9 +9,7 @@ import io
 
 import numpy as np
 
-NUM_CODEBOOKS = 8
-CODEC_CODES = 8192  # valid codes are 0..8191
-FRAMES_PER_SECOND = 12.5
+from shared.core.constants import CODEC_CODES, NUM_CODEBOOKS
 
 
 class InputError(ValueError):
@@ -27,7 +25,7 @@ def check_tokens(tokens: np.ndarray, field: str) -> np.ndarray:
     """Tokens as the codec takes them ([8, T>=1] ints in the codec range) or a named error."""
     if tokens.ndim != 2 or tokens.shape[0] != NUM_CODEBOOKS or tokens.shape[1] < 1:
         shape = list(tokens.shape)
-        raise InputError(field, f"tokens must have shape [8, T>=1], got {shape}")
+        raise InputError(field, f"tokens must have shape [{NUM_CODEBOOKS}, T>=1], got {shape}")
     if not np.issubdtype(tokens.dtype, np.integer):
         raise InputError(field, f"tokens must be integers, got {tokens.dtype}")
     if tokens.min() < 0 or tokens.max() >= CODEC_CODES:

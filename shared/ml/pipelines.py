@@ -13,14 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
-from shared.core.inpaint import (
-    FRAME_S,
-    SAMPLES_PER_FRAME,
-    Gap,
-    decode_window,
-    splice_audio,
-    splice_tokens,
-)
+from shared.core.constants import FRAME_S, SAMPLES_PER_FRAME
+from shared.core.inpaint import Gap, decode_window, splice_audio, splice_tokens
 from shared.core.tokens import InputError, check_tokens
 from shared.ml.codec.decoder import DecodeAborted, HeartCodecDecoder
 from shared.ml.codec.encoder import EncodingAborted, HeartCodecEncoder

@@ -26,12 +26,12 @@ from transformers.models.whisper.tokenization_whisper import (
 )
 
 from shared.core.audio import AudioError
+from shared.core.constants import WHISPER_SAMPLE_RATE
 from shared.core.lyrics import Segment, Transcript, Word
 from shared.ml.models.checkpoint import CheckpointError, resolve_device, resolve_dtype
 from shared.ml.resample import resample
 
 TRANSCRIBER_FOLDER = "HeartTranscriptor-oss"
-SAMPLE_RATE = 16_000
 CHUNK_S = 30
 DEFAULT_BATCH_SIZE = 16
 # The reference's decoding options (heartlib examples/run_lyrics_transcription.py).
@@ -48,7 +48,7 @@ class TranscriptionAborted(RuntimeError):
 
 
 def _chunks(mono: np.ndarray) -> list[np.ndarray]:
-    size = CHUNK_S * SAMPLE_RATE
+    size = CHUNK_S * WHISPER_SAMPLE_RATE
     return [mono[start : start + size] for start in range(0, mono.shape[0], size)]
 
 
@@ -61,7 +61,7 @@ def _to_mono_16k(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     if not np.isfinite(audio).all():
         raise AudioError("audio contains NaN or infinite samples")
     mono = audio.astype(np.float32).mean(axis=0, keepdims=True)
-    return resample(mono, sample_rate, SAMPLE_RATE)[0]
+    return resample(mono, sample_rate, WHISPER_SAMPLE_RATE)[0]
 
 
 class Transcriber:
@@ -206,7 +206,7 @@ class Transcriber:
                 raise TranscriptionAborted(f"aborted after {first} of {len(chunks)} chunks")
             batch = chunks[first : first + self.batch_size]
             features = feature_extractor(
-                batch, sampling_rate=SAMPLE_RATE, return_tensors="pt"
+                batch, sampling_rate=WHISPER_SAMPLE_RATE, return_tensors="pt"
             ).input_features.to(self.device, self.model.dtype)
             languages = self._languages(features, code)
             detected.update(languages or [])
@@ -229,7 +229,7 @@ class Transcriber:
                 segments += self._segments(
                     raw,
                     offset=float(index * CHUNK_S),
-                    length=batch[i].shape[0] / SAMPLE_RATE,
+                    length=batch[i].shape[0] / WHISPER_SAMPLE_RATE,
                     language=languages[i] if languages else None,
                     word_timings=word_timings,
                 )
@@ -238,7 +238,7 @@ class Transcriber:
         return Transcript(
             text=" ".join(s.text for s in segments),
             language=code or (detected.most_common(1)[0][0] if detected else None),
-            duration_s=mono.shape[0] / SAMPLE_RATE,
+            duration_s=mono.shape[0] / WHISPER_SAMPLE_RATE,
             segments=segments,
         )
 

@@ -19,7 +19,8 @@ import time
 import numpy as np
 import torch
 
-from shared.ml.codec.config import CODES_PER_SECOND, HeartCodecConfig
+from shared.core.constants import CODEC_CODES, FRAMES_PER_SECOND
+from shared.ml.codec.config import HeartCodecConfig
 from shared.ml.codec.decoder import HeartCodecDecoder, plan_windows
 from shared.ml.codec.tiny import TINY_CODEC_CONFIG, random_codec
 from shared.ml.models.checkpoint import resolve_device, resolve_dtype
@@ -63,7 +64,7 @@ def main() -> None:
 
     decoder = build_decoder(args.real_sizes, args.device, args.dtype)
     rng = np.random.default_rng(0)
-    clips = {s: rng.integers(0, 8192, (8, int(s * CODES_PER_SECOND))) for s in args.seconds}
+    clips = {s: rng.integers(0, CODEC_CODES, (8, int(s * FRAMES_PER_SECOND))) for s in args.seconds}
     timed(decoder, clips[min(clips)], args.steps, loop=True)  # warm-up (kernels, allocator)
     sizes = "official sizes" if args.real_sizes else "tiny"
     print(

@@ -12,7 +12,6 @@ import pytest
 import soundfile as sf
 
 from shared.core.audio import (
-    SAMPLE_RATE,
     AudioError,
     crossfade,
     encode_audio,
@@ -21,6 +20,7 @@ from shared.core.audio import (
     read_audio,
     write_audio,
 )
+from shared.core.constants import SAMPLE_RATE
 
 
 def _stereo(seconds: float = 0.5, rate: int = SAMPLE_RATE) -> np.ndarray:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from shared.core.constants import SAMPLES_PER_FRAME
 from shared.core.inpaint import (
     CROSSFADE_SAMPLES,
-    SAMPLES_PER_FRAME,
     Gap,
     GapError,
     decode_window,

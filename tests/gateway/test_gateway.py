@@ -24,6 +24,7 @@ from redis.retry import Retry
 from api.client.client import parse_sse
 from api.gateway import create_app
 from shared.core.config import Settings
+from shared.core.constants import CODEC_CODES
 from shared.core.jobs import JobStore
 from shared.core.queueing import QUEUES, TASK_NAME
 from shared.core.storage import LocalStore, S3Store, artifact_key
@@ -418,7 +419,7 @@ def test_audio_upload_is_stored_and_usable(client, keys, store, celery, redis_cl
 
 
 def test_tokens_upload_feeds_decode(client, keys, celery) -> None:
-    codes = np.random.default_rng(0).integers(0, 8192, size=(8, 25), dtype=np.int32)
+    codes = np.random.default_rng(0).integers(0, CODEC_CODES, size=(8, 25), dtype=np.int32)
     reply = upload(client, keys["acme"], npy_bytes(codes), "tokens.npy")
     assert reply.status_code == 201
     info = reply.get_json()
@@ -439,7 +440,7 @@ def test_tokens_upload_feeds_decode(client, keys, celery) -> None:
         (None, "long.wav"),  # 10 s of audio: over MAX_UPLOAD_SECONDS
         (npy_bytes(np.zeros((7, 10), dtype=np.int32)), "tokens.npy"),
         (npy_bytes(np.zeros((8, 10), dtype=np.float32)), "tokens.npy"),
-        (npy_bytes(np.full((8, 10), 8192, dtype=np.int32)), "tokens.npy"),
+        (npy_bytes(np.full((8, 10), CODEC_CODES, dtype=np.int32)), "tokens.npy"),
         (b"not numpy", "tokens.npy"),
     ],
 )

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import soundfile
 
+from shared.core.constants import FRAME_S, SAMPLE_RATE, SAMPLES_PER_FRAME
 from shared.core.storage import artifact_key
 from tests.integration.conftest import Cluster
 
-SAMPLES_PER_FRAME = 3840
 # Random tiny weights sample audio EOS now and then; with these seeds they do not (checked
 # against write_tiny_models(seed=0)): SHORT runs its 25 frames, LONG its 1500.
 SHORT = {"tags": "piano,happy", "lyrics": "[verse] hello world", "duration_s": 2.0, "seed": 11}
@@ -39,7 +39,7 @@ def test_generate_streams_progress_and_serves_audio_and_tokens(cluster: Cluster)
     assert sorted(final["artifacts"]) == ["audio.flac", "metadata.json", "tokens.npy"]
 
     tokens = np.load(io.BytesIO(cluster.artifact("alice", job["id"], "tokens.npy").content))
-    frames = round(SHORT["duration_s"] / 0.08)
+    frames = round(SHORT["duration_s"] / FRAME_S)
     assert tokens.shape == (8, frames) and tokens.dtype == np.int32
 
     reply = cluster.artifact("alice", job["id"], "audio.flac")
@@ -48,7 +48,7 @@ def test_generate_streams_progress_and_serves_audio_and_tokens(cluster: Cluster)
     redirected = [r.status_code for r in reply.history]
     assert redirected == ([302] if cluster.settings.storage_scheme == "s3" else [])
     info = soundfile.info(io.BytesIO(reply.content))
-    assert (info.format, info.samplerate, info.channels) == ("FLAC", 48_000, 2)
+    assert (info.format, info.samplerate, info.channels) == ("FLAC", SAMPLE_RATE, 2)
     assert info.frames == frames * SAMPLES_PER_FRAME
 
     metadata = json.loads(cluster.artifact("alice", job["id"], "metadata.json").content)

@@ -14,10 +14,11 @@ from safetensors.torch import load_file, save_file
 
 from api.client.cli import main as cli_main
 from shared.core.audio import read_audio
+from shared.core.constants import CODEC_CODES, SAMPLE_RATE, SAMPLES_PER_FRAME
 from shared.ml.codec.config import HeartCodecConfig
 from shared.ml.codec.decoder import (
     CODEC_FOLDER,
-    CONTEXT_FRAMES,
+    PREFIX_LATENT_FRAMES,
     DecodeAborted,
     HeartCodec,
     HeartCodecDecoder,
@@ -27,13 +28,12 @@ from shared.ml.codec.decoder import (
 from shared.ml.models.checkpoint import INDEX_NAME, CheckpointError
 from tests.support.reference import official_shapes
 
-FRAME = 3840
 OVERLAP_SAMPLES = 199_680  # 4.16 s at 48 kHz
 STEPS = 2  # enough to exercise the solver; tests stay fast
 
 
 def _codes(frames: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 8192, (8, frames), dtype=np.int64)
+    return np.random.default_rng(seed).integers(0, CODEC_CODES, (8, frames), dtype=np.int64)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_windows_without_loop_padding_stop_at_the_last_code(codes: int) -> None:
     assert plan[-1].stop == codes
     # Overlaps of 52 codes: the windows' audio, crossfaded, is exactly the input's length.
     assert sum(w.codes for w in plan) - 52 * (len(plan) - 1) == codes
-    assert all(w.codes * 2 > CONTEXT_FRAMES for w in plan[1:])
+    assert all(w.codes * 2 > PREFIX_LATENT_FRAMES for w in plan[1:])
 
 
 def test_no_codes_is_refused() -> None:
@@ -98,16 +98,16 @@ def test_output_is_stereo_float32_of_t_frames(
     decoder: HeartCodecDecoder, frames: int, loop_padding: bool
 ) -> None:
     audio = decoder.detokenize(_codes(frames), steps=STEPS, loop_padding=loop_padding)
-    assert audio.dtype == torch.float32 and audio.shape == (2, frames * FRAME)
+    assert audio.dtype == torch.float32 and audio.shape == (2, frames * SAMPLES_PER_FRAME)
     assert torch.isfinite(audio).all() and audio.abs().max() > 0
-    assert decoder.sample_rate == 48_000 and decoder.frame_samples == FRAME
+    assert decoder.sample_rate == SAMPLE_RATE and decoder.frame_samples == SAMPLES_PER_FRAME
 
 
 def test_later_windows_start_with_the_previous_windows_last_104_latent_frames(
     decoder: HeartCodecDecoder,
 ) -> None:
     windows = list(decoder.latent_windows(_codes(700), steps=STEPS))
-    assert len(windows) == 3 and CONTEXT_FRAMES == 104
+    assert len(windows) == 3 and PREFIX_LATENT_FRAMES == 104
     for (_, before), (_, after) in zip(windows, windows[1:], strict=False):
         assert after.shape == before.shape == (744, 16)
         assert torch.equal(after[:104], before[-104:])
@@ -121,7 +121,11 @@ def constant_render(decoder: HeartCodecDecoder, monkeypatch: pytest.MonkeyPatch)
 
     def render(latents: torch.Tensor) -> np.ndarray:
         rendered.append(len(rendered))
-        return np.full((2, latents.shape[0] * 1920), float(len(rendered)), dtype=np.float32)
+        return np.full(
+            (2, latents.shape[0] * decoder.config.hop_length),
+            float(len(rendered)),
+            dtype=np.float32,
+        )
 
     monkeypatch.setattr(decoder, "render", render)
     return rendered
@@ -131,8 +135,8 @@ def test_windows_are_joined_with_a_linear_crossfade_over_4_16_s(
     decoder: HeartCodecDecoder, constant_render: list[int]
 ) -> None:
     audio = decoder.detokenize(_codes(400), steps=1).numpy()
-    assert constant_render == [0, 1] and audio.shape == (2, 400 * FRAME)
-    start = 320 * FRAME  # the second window starts 25.6 s in
+    assert constant_render == [0, 1] and audio.shape == (2, 400 * SAMPLES_PER_FRAME)
+    start = 320 * SAMPLES_PER_FRAME  # the second window starts 25.6 s in
     assert (audio[:, :start] == 1).all() and (audio[:, start + OVERLAP_SAMPLES :] == 2).all()
     ramp = audio[0, start : start + OVERLAP_SAMPLES]
     np.testing.assert_allclose(ramp, 1 + np.linspace(0, 1, OVERLAP_SAMPLES), atol=1e-6)
@@ -190,8 +194,8 @@ def test_abort_stops_between_steps(
 
 def test_codes_outside_the_codebook_are_refused(decoder: HeartCodecDecoder) -> None:
     codes = _codes(20)
-    codes[3, 5] = 8192
-    with pytest.raises(ValueError, match=r"codebook 3 frame 5 holds 8192"):
+    codes[3, 5] = CODEC_CODES
+    with pytest.raises(ValueError, match=rf"codebook 3 frame 5 holds {CODEC_CODES}"):
         decoder.detokenize(codes)
     with pytest.raises(ValueError, match=r"must be \[8, T\]"):
         decoder.detokenize(_codes(20)[:7])
@@ -321,7 +325,7 @@ def test_cli_decode_writes_flac_of_the_tokens_duration(
     args = ["decode", str(tmp_path / "tokens.npy"), "--out", str(out), "--steps", "2"]
     assert cli_main([*args, "--model-dir", str(tiny_model_dir), "--device", "cpu"]) == 0
     audio, rate = read_audio(out)
-    assert rate == 48_000 and audio.shape == (2, 25 * FRAME)
+    assert rate == SAMPLE_RATE and audio.shape == (2, 25 * SAMPLES_PER_FRAME)
 
 
 def test_cli_decode_refuses_unknown_format(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -338,4 +342,4 @@ def test_cli_generate_writes_audio_and_tokens(tiny_model_dir: Path, tmp_path: Pa
     assert cli_main(args) == 0
     frames = np.load(tokens).shape[1]
     audio, rate = read_audio(out)
-    assert rate == 48_000 and audio.shape == (2, frames * FRAME) and frames > 0
+    assert rate == SAMPLE_RATE and audio.shape == (2, frames * SAMPLES_PER_FRAME) and frames > 0

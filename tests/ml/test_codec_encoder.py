@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from api.client.cli import main
+from shared.core.constants import CODEC_CODES, CODEC_SAMPLE_RATE, FRAMES_PER_SECOND
 from shared.ml.codec.encoder import (
+    CHUNK_SAMPLES,
     CODEC_FOLDER,
     DEFAULT_ENCODER_CONFIG,
     ENCODER_FOLDER,
@@ -78,8 +80,8 @@ def test_frame_count_for_durations_and_rates(
 ) -> None:
     tokens = encoder.tokenize(noise(seconds, rate), rate)
     assert tokens.dtype == np.int32
-    assert tokens.shape == (8, int(seconds * 12.5) + 1)
-    assert tokens.min() >= 0 and tokens.max() < 8192
+    assert tokens.shape == (8, int(seconds * FRAMES_PER_SECOND) + 1)
+    assert tokens.min() >= 0 and tokens.max() < CODEC_CODES
 
 
 def test_tokens_follow_the_audio(encoder: HeartCodecEncoder) -> None:
@@ -105,18 +107,18 @@ def test_deterministic_across_calls_and_loads(model_dir: Path, encoder: HeartCod
 
 
 def test_chunks_are_independent_of_batching(encoder: HeartCodecEncoder) -> None:
-    audio = noise(31.0, 24_000)  # two chunks
+    audio = noise(31.0, CODEC_SAMPLE_RATE)  # two chunks
     calls: list[tuple[int, int]] = []
 
     def record(done: int, total: int) -> None:
         calls.append((done, total))
 
-    one = encoder.tokenize(audio, 24_000, batch_size=1, on_progress=record)
+    one = encoder.tokenize(audio, CODEC_SAMPLE_RATE, batch_size=1, on_progress=record)
     assert calls == [(1, 2), (2, 2)]
-    np.testing.assert_array_equal(encoder.tokenize(audio, 24_000, batch_size=2), one)
+    np.testing.assert_array_equal(encoder.tokenize(audio, CODEC_SAMPLE_RATE, batch_size=2), one)
     # The first 29.76 s alone (373 frames: one more, from a second chunk of silence) encode
     # to the whole song's first chunk of frames.
-    head = encoder.tokenize(audio[:, :714_240], 24_000)
+    head = encoder.tokenize(audio[:, :CHUNK_SAMPLES], CODEC_SAMPLE_RATE)
     assert head.shape[1] == FRAMES_PER_CHUNK + 1
     np.testing.assert_array_equal(head[:, :FRAMES_PER_CHUNK], one[:, :FRAMES_PER_CHUNK])
 
@@ -255,7 +257,7 @@ def test_cli_encode(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     soundfile.write(song, noise(2.5, 44_100).T, 44_100)
     out = tmp_path / "tokens.npy"
     assert main(["encode", str(song), "--out", str(out), "--model-dir", str(model_dir)]) == 0
-    assert np.load(out).shape == (8, int(2.5 * 12.5) + 1)
+    assert np.load(out).shape == (8, int(2.5 * FRAMES_PER_SECOND) + 1)
 
     assert main(["encode", str(song), "--out", str(out), "--model-dir", str(tmp_path)]) == 2
     assert ENCODER_FOLDER in capsys.readouterr().err

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from shared.core.constants import AUDIO_EOS_ID, CODEC_CODES
 from shared.ml.generation.engine import (
     ContextOverflowError,
     GenerationEngine,
     GenerationRequest,
     RequestError,
 )
-from shared.ml.models.heartmula import AUDIO_EOS_ID, CODEC_CODES
 
 BASE = GenerationRequest(tags="piano,happy", lyrics="la la la", duration_s=1.2, seed=11)
 

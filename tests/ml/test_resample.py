@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.core.audio import SAMPLE_RATE
+from shared.core.constants import SAMPLE_RATE
 from shared.ml.resample import resample
 
 

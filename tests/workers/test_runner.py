@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from shared.core.config import Settings
+from shared.core.constants import AUDIO_EOS_ID, FRAME_S, SAMPLE_RATE, SAMPLES_PER_FRAME
 from shared.core.jobs import Job, JobStore, UploadStore
 from shared.core.storage import LocalStore, artifact_key
 from workers.handlers import job_seed
@@ -122,10 +123,10 @@ def test_encode_tokenizes_an_uploaded_song(runner: JobRunner, tmp_path: Path) ->
     from shared.core.jobs import Upload
 
     rng = np.random.default_rng(0)
-    audio = encode_audio(rng.uniform(-0.1, 0.1, (2, 48_000)).astype(np.float32), "wav")
+    audio = encode_audio(rng.uniform(-0.1, 0.1, (2, SAMPLE_RATE)).astype(np.float32), "wav")
     key = "tenants/acme/uploads/u1/song.wav"
     runner.objects.put_bytes(key, audio)
-    upload = Upload("u1", "acme", key, "song.wav", "audio", len(audio), 1.0, 48_000, 2)
+    upload = Upload("u1", "acme", key, "song.wav", "audio", len(audio), 1.0, SAMPLE_RATE, 2)
     runner.uploads.create(upload)
     job = _new(runner, "encode", {"upload_id": "u1"})
     runner.run(job.id)
@@ -204,7 +205,7 @@ def test_extend_past_the_context_fails_before_generating(runner: JobRunner, pare
 
 def test_inpaint_changes_only_the_gap(runner: JobRunner, parent: Job) -> None:
     from shared.core.audio import read_audio
-    from shared.core.inpaint import CROSSFADE_SAMPLES, SAMPLES_PER_FRAME
+    from shared.core.inpaint import CROSSFADE_SAMPLES
 
     params = {
         "source_job_id": parent.id,
@@ -249,11 +250,11 @@ def test_extend_of_an_upload_waits_for_its_encode_step(runner: JobRunner) -> Non
     from shared.core.jobs import Upload
 
     rng = np.random.default_rng(1)
-    audio = encode_audio(rng.uniform(-0.1, 0.1, (2, 48_000)).astype(np.float32), "wav")
+    audio = encode_audio(rng.uniform(-0.1, 0.1, (2, SAMPLE_RATE)).astype(np.float32), "wav")
     key = "tenants/acme/uploads/u2/take.wav"
     runner.objects.put_bytes(key, audio)
     runner.uploads.create(
-        Upload("u2", "acme", key, "take.wav", "audio", len(audio), 1.0, 48_000, 2)
+        Upload("u2", "acme", key, "take.wav", "audio", len(audio), 1.0, SAMPLE_RATE, 2)
     )
     encode = _new(runner, "encode", {"upload_id": "u2"})
     params = {
@@ -296,7 +297,7 @@ def test_transcribe_a_songs_audio_writes_transcript_lrc_and_srt(
     assert sorted(job.artifacts) == ["lyrics.lrc", "lyrics.srt", "metadata.json", "transcript.json"]
     transcript = json.loads(_artifact(runner, job, "transcript.json"))
     assert set(transcript) >= {"text", "segments", "duration_s"}
-    assert transcript["duration_s"] == pytest.approx(12 * 0.08)
+    assert transcript["duration_s"] == pytest.approx(12 * FRAME_S)
     assert transcript["segments"], "the tiny model always writes some text"
     for segment in transcript["segments"]:
         assert 0 <= segment["start"] <= segment["end"] <= transcript["duration_s"] + 1e-6
@@ -347,7 +348,6 @@ def test_a_release_that_cannot_be_queued_fails_the_waiting_job(
 
 
 def test_a_song_ended_before_its_first_frame_fails_saying_so(runner: JobRunner) -> None:
-    from shared.ml.models.heartmula import AUDIO_EOS_ID
 
     def always_eos(_module, _inputs, logits):
         logits = logits.clone()

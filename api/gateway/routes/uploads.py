@@ -13,10 +13,11 @@ from api.gateway.app import services
 from api.gateway.auth import authenticate, current_tenant
 from api.gateway.errors import ApiError
 from shared.core.audio import read_audio
+from shared.core.constants import FRAMES_PER_SECOND
 from shared.core.jobs import Upload, new_id
 from shared.core.schemas import upload_out
 from shared.core.storage import content_type_for, upload_key
-from shared.core.tokens import FRAMES_PER_SECOND, read_tokens
+from shared.core.tokens import read_tokens
 
 bp = Blueprint("uploads", __name__, url_prefix="/v1/uploads")
 bp.before_request(authenticate)

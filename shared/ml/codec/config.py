@@ -11,7 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-CODES_PER_SECOND = 12.5
+from shared.core.constants import CODEC_CODES, FRAMES_PER_SECOND, NUM_CODEBOOKS, SAMPLE_RATE
+
 LATENT_FRAMES_PER_CODE = 2
 
 
@@ -19,9 +20,9 @@ LATENT_FRAMES_PER_CODE = 2
 class HeartCodecConfig:
     # residual VQ
     dim: int = 512
-    codebook_size: int = 8192
+    codebook_size: int = CODEC_CODES
     codebook_dim: int = 32
-    num_quantizers: int = 8
+    num_quantizers: int = NUM_CODEBOOKS
     decay: float = 0.9
     commitment_weight: float = 1.0
     threshold_ema_dead_code: int = 2
@@ -36,7 +37,7 @@ class HeartCodecConfig:
     out_channels: int = 256
     # scalar (SQ) codec
     num_bands: int = 1
-    sample_rate: int = 48_000
+    sample_rate: int = SAMPLE_RATE
     causal: bool = True
     num_samples: int = 2
     downsample_factors: list[int] = field(default_factory=lambda: [3, 4, 4, 4, 5])
@@ -79,10 +80,11 @@ class HeartCodecConfig:
             if kernel != 2 * stride:
                 problems.append(f"upsample kernel {kernel} != 2 × stride {stride} (causal)")
         frame_rate = self.sample_rate / self.hop_length
-        if frame_rate != CODES_PER_SECOND * LATENT_FRAMES_PER_CODE:
+        if frame_rate != FRAMES_PER_SECOND * LATENT_FRAMES_PER_CODE:
             problems.append(
                 f"sample_rate / hop = {frame_rate:g} latent frames/s, expected "
-                f"{CODES_PER_SECOND * LATENT_FRAMES_PER_CODE:g} (codes are 12.5 Hz)"
+                f"{FRAMES_PER_SECOND * LATENT_FRAMES_PER_CODE:g} "
+                f"(codes are {FRAMES_PER_SECOND:g} Hz)"
             )
         if problems:
             raise ValueError("HeartCodec config.json: " + "; ".join(problems))

@@ -39,7 +39,7 @@ CODEC_FOLDER = "HeartCodec-oss"
 WINDOW_CODES = 372  # int(29.76 s × 12.5 codes/s)
 HOP_CODES = 320  # 25.6 s
 OVERLAP_CODES = WINDOW_CODES - HOP_CODES  # 52 codes = 4.16 s
-CONTEXT_FRAMES = OVERLAP_CODES * LATENT_FRAMES_PER_CODE  # 104 latent frames carried over
+PREFIX_LATENT_FRAMES = OVERLAP_CODES * LATENT_FRAMES_PER_CODE  # 104, carried into the next window
 
 ProgressCallback = Callable[[float], None]
 AbortCheck = Callable[[], bool]
@@ -164,7 +164,7 @@ class HeartCodecDecoder:
                 guidance=guidance,
                 on_step=on_step,
             )
-            prefix = latents[:, -CONTEXT_FRAMES:]
+            prefix = latents[:, -PREFIX_LATENT_FRAMES:]
             yield window, latents[0]
 
     def render(self, latents: torch.Tensor) -> np.ndarray:

@@ -23,10 +23,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from shared.core.constants import CODEC_SAMPLE_RATE, CODEC_SAMPLES_PER_FRAME
 from shared.ml.codec.decoder import CODEC_FOLDER
 from shared.ml.codec.features import (
     DEFAULT_FEATURES_CONFIG,
-    SAMPLE_RATE,
     TAIL_SAMPLES,
     HeartCodecFeatureExtractors,
     merge_config,
@@ -50,8 +50,7 @@ RVQ_PREFIX = "flow_matching.vq_embed."
 
 VERSION = "vqv12"
 CHUNK_SAMPLES = 714_240  # 29.76 s at 24 kHz
-SAMPLES_PER_FRAME = 1_920  # 80 ms at 24 kHz
-FRAMES_PER_CHUNK = CHUNK_SAMPLES // SAMPLES_PER_FRAME  # 372
+FRAMES_PER_CHUNK = CHUNK_SAMPLES // CODEC_SAMPLES_PER_FRAME  # 372
 
 DEFAULT_ENCODER_CONFIG: dict[str, Any] = {
     "version": VERSION,
@@ -104,7 +103,7 @@ def read_encoder_config(folder: Path) -> dict[str, Any]:
 
 def token_frames(samples_24k: int) -> int:
     """Token frames for audio of this many 24 kHz samples: a partial last frame counts."""
-    return samples_24k // SAMPLES_PER_FRAME + 1
+    return samples_24k // CODEC_SAMPLES_PER_FRAME + 1
 
 
 def _nested(prefix: str, module: nn.Module) -> nn.Module:
@@ -221,8 +220,8 @@ def _stereo_24k(audio: np.ndarray | Tensor, sample_rate: int) -> Tensor:
     if not torch.isfinite(wave).all():
         raise ValueError("audio contains NaN or infinite samples")
     wave = wave.expand(2, -1)
-    if sample_rate != SAMPLE_RATE:
-        wave = resample(wave, int(sample_rate), SAMPLE_RATE)
+    if sample_rate != CODEC_SAMPLE_RATE:
+        wave = resample(wave, int(sample_rate), CODEC_SAMPLE_RATE)
     return wave
 
 

@@ -29,9 +29,11 @@ from transformers.models.wav2vec2_conformer.modeling_wav2vec2_conformer import (
 )
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-SAMPLE_RATE = 24_000
-WHISPER_RATE = 16_000
-FRAME_SAMPLES = 960  # one 25 Hz feature frame at 24 kHz
+from shared.core.constants import CODEC_SAMPLE_RATE, CODEC_SAMPLES_PER_FRAME, WHISPER_SAMPLE_RATE
+from shared.ml.codec.config import LATENT_FRAMES_PER_CODE
+
+# 960: one 25 Hz feature frame (the latent rate) at 24 kHz
+FEATURE_FRAME_SAMPLES = CODEC_SAMPLES_PER_FRAME // LATENT_FRAMES_PER_CODE
 TAIL_SAMPLES = 240  # zeros after each chunk, as the model was trained with
 CONFORMER_STATES = (2, 11)  # acoustic, semantic
 WAVLM_STATES = range(6, 10)  # averaged
@@ -78,7 +80,7 @@ DEFAULT_FEATURES_CONFIG: dict[str, Any] = {
         "add_adapter": False,
     },
     "muencoder_config": {
-        "sample_rate": SAMPLE_RATE,
+        "sample_rate": CODEC_SAMPLE_RATE,
         "n_fft": 2048,
         "hop_length": 240,
         "n_mels": 128,
@@ -198,7 +200,7 @@ class MuEncoder(nn.Module):
 
     def forward(self, waveform: Tensor) -> tuple[Tensor, Tensor]:
         # Incomplete 25 Hz frames are dropped, and the last mel frame (the STFT's centre pad).
-        samples = waveform.shape[-1] // FRAME_SAMPLES * FRAME_SAMPLES
+        samples = waveform.shape[-1] // FEATURE_FRAME_SAMPLES * FEATURE_FRAME_SAMPLES
         mel = self.preprocessor_melspec_2048(waveform[..., :samples])[..., :-1]
         mel = ((mel - self.mean) / self.std).to(self.conv.linear.weight.dtype)
         hidden = self.conformer.dropout(self.conv(mel))
@@ -220,7 +222,7 @@ class HeartCodecFeatureExtractors(nn.Module):
         self.whisper_encoder = WhisperEncoder(whisper_config)
         self.whisper_processor = WhisperFeatureExtractor(
             feature_size=whisper_config.num_mel_bins,
-            sampling_rate=WHISPER_RATE,
+            sampling_rate=WHISPER_SAMPLE_RATE,
             hop_length=160,
             chunk_length=30,
             n_fft=400,
@@ -236,7 +238,9 @@ class HeartCodecFeatureExtractors(nn.Module):
         # Built on CPU and not stored in the checkpoint: a filter built on CUDA differs in the
         # last bits, which is enough to change RVQ token ids.
         with torch.device("cpu"):
-            self.resample_24k_to_16k = torchaudio.transforms.Resample(SAMPLE_RATE, WHISPER_RATE)
+            self.resample_24k_to_16k = torchaudio.transforms.Resample(
+                CODEC_SAMPLE_RATE, WHISPER_SAMPLE_RATE
+            )
         self.resample_24k_to_16k.register_buffer(
             "kernel", self.resample_24k_to_16k.kernel, persistent=False
         )
@@ -271,7 +275,7 @@ class HeartCodecFeatureExtractors(nn.Module):
         # Whisper's own log-mel (padded to its 30 s window), computed on CPU as in training.
         mel = self.whisper_processor(
             waveform_16k.float().cpu().numpy(),
-            sampling_rate=WHISPER_RATE,
+            sampling_rate=WHISPER_SAMPLE_RATE,
             return_tensors="pt",
             do_normalize=False,
         ).input_features
@@ -298,7 +302,7 @@ class HeartCodecFeatureExtractors(nn.Module):
         waveform = audio.flatten(0, 1).float()
         acoustic, semantic = self.muencoder(waveform)
         waveform_16k = self.resample_24k_to_16k.float()(waveform)
-        frames = content // FRAME_SAMPLES
+        frames = content // FEATURE_FRAME_SAMPLES
         wavlm = self._wavlm(waveform_16k)
         if wavlm.shape[1] != 2 * frames:
             raise RuntimeError(f"WavLM gave {wavlm.shape[1]} frames, expected {2 * frames}")

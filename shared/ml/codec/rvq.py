@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shared.core.constants import CODEC_CODES, NUM_CODEBOOKS
+
 
 class Codebook(nn.Module):
     def __init__(self, codebook_size: int, dim: int) -> None:
@@ -30,8 +32,8 @@ class _Layer(nn.Module):
 class ResidualVQ(nn.Module):
     def __init__(
         self,
-        num_quantizers: int = 8,
-        codebook_size: int = 8192,
+        num_quantizers: int = NUM_CODEBOOKS,
+        codebook_size: int = CODEC_CODES,
         dim: int = 512,
         codebook_dim: int = 32,
     ) -> None:

@@ -17,19 +17,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from shared.core.constants import AUDIO_EOS_ID, AUDIO_VOCAB, CONTEXT_POSITIONS, NUM_CODEBOOKS
+
+# TODO(engine branch): shared/ml/generation/engine.py still imports CODEC_CODES from here; the
+# integrator drops this re-export once the engine imports it from shared.core.constants.
+from shared.core.constants import CODEC_CODES as CODEC_CODES
 from shared.ml.models.checkpoint import CheckpointError, assign_state, read_tensors, shard_files
 from shared.ml.models.llama import Transformer, TransformerSpec
 
+# torchtune's flavors: layers, heads, kv heads, width, MLP width, context positions.
 FLAVORS: dict[str, TransformerSpec] = {
-    "llama-3B": TransformerSpec(28, 24, 8, 3072, 8192, 8192),
-    "llama-300M": TransformerSpec(3, 8, 4, 3072, 8192, 2048),
-    "llama-7B": TransformerSpec(32, 32, 8, 4096, 14336, 8192),
-    "llama-400M": TransformerSpec(4, 8, 4, 3072, 8192, 2048),
+    "llama-3B": TransformerSpec(28, 24, 8, 3072, 8192, CONTEXT_POSITIONS),  # unrelated-literal: MLP
+    "llama-300M": TransformerSpec(3, 8, 4, 3072, 8192, 2048),  # unrelated-literal: MLP
+    "llama-7B": TransformerSpec(32, 32, 8, 4096, 14336, CONTEXT_POSITIONS),
+    "llama-400M": TransformerSpec(4, 8, 4, 3072, 8192, 2048),  # unrelated-literal: MLP
 }
-
-# Audio codes the codec understands are 0..8191; 8193 is the model's audio end-of-sequence.
-CODEC_CODES = 8192
-AUDIO_EOS_ID = 8193
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,8 @@ class HeartMuLaConfig:
     backbone: TransformerSpec
     decoder: TransformerSpec
     text_vocab_size: int = 128_256
-    audio_vocab_size: int = 8197
-    audio_num_codebooks: int = 8
+    audio_vocab_size: int = AUDIO_VOCAB
+    audio_num_codebooks: int = NUM_CODEBOOKS
     muq_dim: int = 512
     backbone_flavor: str = "llama-3B"
     decoder_flavor: str = "llama-300M"

@@ -31,7 +31,7 @@ class TransformerSpec:
     rope_scale_factor: float = 32.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
-    rope_old_context_len: int = 8192
+    rope_old_context_len: int = 8192  # unrelated-literal: Llama 3's rope scaling
 
     @property
     def head_dim(self) -> int:

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from shared.core.constants import AUDIO_EOS_ID
+
 
 @dataclass(frozen=True)
 class GenConfig:
@@ -22,7 +24,7 @@ class GenConfig:
 
     text_bos_id: int = 128000
     text_eos_id: int = 128001
-    audio_eos_id: int = 8193
+    audio_eos_id: int = AUDIO_EOS_ID
     empty_id: int = 0
 
     @classmethod

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from shared.core.constants import CONTEXT_POSITIONS
 from shared.ml.codec.tiny import write_tiny_codec, write_tiny_encoder
 from shared.ml.models.checkpoint import write_shards
 from shared.ml.models.heartmula import HeartMuLa, HeartMuLaConfig
@@ -43,7 +44,7 @@ TINY_BACKBONE = TransformerSpec(
     num_kv_heads=2,
     embed_dim=128,
     intermediate_dim=256,
-    max_seq_len=8192,
+    max_seq_len=CONTEXT_POSITIONS,
 )
 TINY_DECODER = TransformerSpec(
     num_layers=2,
