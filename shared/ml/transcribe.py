@@ -172,6 +172,32 @@ class Transcriber:
             segments.append(Segment(round(start + offset, 3), round(end + offset, 3), text, words))
         return segments
 
+    def _rng_devices(self) -> list[torch.device]:
+        return [self.device] if self.device.type == "cuda" else []
+
+    def _generate(
+        self,
+        features: torch.Tensor,
+        config: Any,
+        languages: list[str] | None,
+        word_timings: bool,
+    ) -> dict[str, Any]:
+        """Whisper's long-form generate with the reference's decoding options."""
+        return self.model.generate(
+            features,
+            generation_config=config,
+            language=languages,
+            task="transcribe" if self.multilingual else None,
+            return_timestamps=True,
+            return_segments=True,
+            return_token_timestamps=word_timings,
+            temperature=TEMPERATURES,
+            compression_ratio_threshold=COMPRESSION_RATIO_THRESHOLD,
+            logprob_threshold=LOGPROB_THRESHOLD,
+            no_speech_threshold=NO_SPEECH_THRESHOLD,
+            condition_on_prev_tokens=False,
+        )
+
     @torch.inference_mode()
     def transcribe(
         self,
@@ -182,8 +208,12 @@ class Transcriber:
         word_timestamps: bool | None = None,
         on_progress: Callable[[int, int], None] | None = None,
         should_abort: Callable[[], bool] | None = None,
+        seed: int = 0,
     ) -> Transcript:
         """Transcribe [channels, samples] float audio at any rate (mixed to mono, 16 kHz).
+
+        The temperature fallback samples; its noise comes from `seed`, so the same audio always
+        gives the same transcript (a retried job writes the same files).
 
         `word_timestamps`: None gives word timings where the checkpoint's generation config
         names alignment heads; True requires them. `on_progress(done, total)` counts chunks
@@ -210,20 +240,9 @@ class Transcriber:
             ).input_features.to(self.device, self.model.dtype)
             languages = self._languages(features, code)
             detected.update(languages or [])
-            output = self.model.generate(
-                features,
-                generation_config=config,
-                language=languages,
-                task="transcribe" if self.multilingual else None,
-                return_timestamps=True,
-                return_segments=True,
-                return_token_timestamps=word_timings,
-                temperature=TEMPERATURES,
-                compression_ratio_threshold=COMPRESSION_RATIO_THRESHOLD,
-                logprob_threshold=LOGPROB_THRESHOLD,
-                no_speech_threshold=NO_SPEECH_THRESHOLD,
-                condition_on_prev_tokens=False,
-            )
+            with torch.random.fork_rng(devices=self._rng_devices()):
+                torch.manual_seed(seed + first)
+                output = self._generate(features, config, languages, word_timings)
             for i, raw in enumerate(output["segments"]):
                 index = first + i
                 segments += self._segments(

@@ -108,6 +108,21 @@ def test_long_stereo_audio_end_to_end(transcriber: Transcriber) -> None:
     assert Transcript.from_json(data) == transcript
 
 
+def test_same_audio_same_transcript_whatever_the_global_rng(transcriber: Transcriber) -> None:
+    """The temperature fallback draws from the call's own seed, so a retried job writes the
+    same files; another seed may sample differently."""
+    audio = _noise(3, 48_000, 2, seed=5)
+    torch.manual_seed(1)
+    first = transcriber.transcribe(audio, 48_000)
+    torch.manual_seed(2)
+    torch.rand(100)
+    again = transcriber.transcribe(audio, 48_000)
+    assert first == again
+    before = torch.get_rng_state()
+    transcriber.transcribe(audio, 48_000, seed=3)
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's generator is untouched
+
+
 def test_chunks_are_batched_and_offset(transcriber: Transcriber, fake: FakeGenerate) -> None:
     transcript = transcriber.transcribe(
         _noise(65, 16_000, 1), 16_000, language="english", word_timestamps=False
