@@ -12,6 +12,7 @@ from flask.typing import ResponseReturnValue
 from api.gateway.app import services
 from api.gateway.auth import authenticate, current_tenant
 from api.gateway.errors import ApiError
+from api.gateway.limits import json_depth
 from shared.core.inputs import InputNotFound, SourceUpload
 from shared.core.jobs import STATES, Job
 from shared.core.jobtypes import JOB_TYPES, JobType, parse_submit
@@ -35,9 +36,21 @@ def _job_or_404(job_id: str) -> Job:
 
 
 def _json_body() -> Any:
-    """The request's JSON (whatever its Content-Type claims); 400 when it does not parse."""
+    """The request's JSON (whatever its Content-Type claims); 400 when it does not parse or
+    nests deeper than HEARTCLUSTER_MAX_JSON_DEPTH (its size is bounded by the app, see
+    api/gateway/app.py)."""
+    data = request.get_data(cache=False) or b"null"
+    limit = services().settings.max_json_depth
+    depth = json_depth(data)
+    if depth > limit:
+        raise ApiError(
+            400,
+            "malformed_json",
+            f"the body nests {depth} levels deep; at most {limit} allowed "
+            "(HEARTCLUSTER_MAX_JSON_DEPTH)",
+        )
     try:
-        return json.loads(request.get_data(cache=False) or b"null")
+        return json.loads(data)
     except (ValueError, UnicodeDecodeError) as error:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {error}") from None
 
