@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
 
 from flask import Blueprint, Response, jsonify, redirect, request, send_file, stream_with_context
 from flask.typing import ResponseReturnValue
@@ -12,7 +11,7 @@ from flask.typing import ResponseReturnValue
 from api.gateway.app import services
 from api.gateway.auth import authenticate, current_tenant
 from api.gateway.errors import ApiError
-from api.gateway.limits import json_depth
+from api.gateway.limits import json_body
 from shared.core.inputs import InputNotFound, SourceUpload
 from shared.core.jobs import STATES, Job
 from shared.core.jobtypes import JOB_TYPES, JobType, parse_submit
@@ -33,26 +32,6 @@ def _job_or_404(job_id: str) -> Job:
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id}")
     return job
-
-
-def _json_body() -> Any:
-    """The request's JSON (whatever its Content-Type claims); 400 when it does not parse or
-    nests deeper than HEARTCLUSTER_MAX_JSON_DEPTH (its size is bounded by the app, see
-    api/gateway/app.py)."""
-    data = request.get_data(cache=False) or b"null"
-    limit = services().settings.max_json_depth
-    depth = json_depth(data)
-    if depth > limit:
-        raise ApiError(
-            400,
-            "malformed_json",
-            f"the body nests {depth} levels deep; at most {limit} allowed "
-            "(HEARTCLUSTER_MAX_JSON_DEPTH)",
-        )
-    try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {error}") from None
 
 
 def _check_inputs(tenant: str, entry: JobType, params: Params) -> tuple[Job | None, Job | None]:
@@ -86,7 +65,7 @@ def submit() -> ResponseReturnValue:
     svc = services()
     tenant = current_tenant()
     try:
-        submission, entry, params = parse_submit(_json_body(), svc.settings)
+        submission, entry, params = parse_submit(json_body(), svc.settings)
     except InvalidRequest as error:
         # a body that is not an object is malformed (400); a bad field is invalid (422)
         if error.field is None:
