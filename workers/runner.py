@@ -142,7 +142,7 @@ class JobRunner:
                 params = parse_params(entry, job.params, self.settings)
                 inputs = self.inputs.resolve(job.tenant, entry.inputs, params)
                 if entry.check is not None:
-                    entry.check(params, inputs)
+                    entry.check(params, inputs, self.settings)
                 context = JobContext(
                     job,
                     params,

@@ -22,9 +22,11 @@ from werkzeug.wrappers import Response
 from api.gateway import create_app
 from shared.core.config import Settings
 from shared.core.constants import CONTEXT_POSITIONS, FRAME_S
-from shared.core.jobs import job_key
+from shared.core.jobs import Job, JobStore, job_key
 from shared.core.prompt_text import prompt_counter
+from shared.core.storage import LocalStore, artifact_key
 from shared.core.tenants import TenantStore
+from shared.core.tokens import tokens_bytes
 from tests.support.fakes import RecordingCelery
 
 MiB = 1024 * 1024
@@ -394,3 +396,26 @@ def test_no_hostile_request_was_stored(client, auth, redis_client) -> None:
     assert submit(client, auth).status_code == 202
     assert jobs_stored(redis_client) == 1
     assert json.loads(redis_client.hget(redis_client.keys(job_key("*"))[0], "type")) == "generate"
+
+
+def test_extend_counts_the_inherited_prompt_at_submit(client, auth, redis_client, tmp_path) -> None:
+    """Lyrics inherited from the parent take context too: refused at submit, not in a worker."""
+    lyrics = "la la la\n" * 200
+    parent = Job.new("acme", "generate", {"tags": "piano", "lyrics": lyrics})
+    jobs = JobStore(redis_client)
+    jobs.create(parent)
+    jobs.start(parent.id)
+    store = LocalStore(tmp_path / "artifacts")
+    store.put_bytes(artifact_key("acme", parent.id, "tokens.npy"), tokens_bytes(np.zeros((8, 100))))
+    jobs.succeed(parent.id, ["tokens.npy", "audio.flac"])
+    room = CONTEXT_POSITIONS - 100 - prompt_counter(None).rows("piano", lyrics)
+
+    def extend(frames: int) -> Any:
+        params = {"source_job_id": parent.id, "duration_s": frames * FRAME_S}
+        return client.post("/v1/jobs", json={"type": "extend", "params": params}, headers=auth)
+
+    error = error_of(extend(room + 1), 422)
+    assert (
+        error["field"] == "params.duration_s" and f"at most {room} new frames" in error["message"]
+    )
+    assert extend(room).status_code == 202

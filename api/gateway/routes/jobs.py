@@ -43,7 +43,7 @@ def _check_inputs(tenant: str, entry: JobType, params: Params) -> tuple[Job | No
     try:
         resolved = services().inputs.resolve(tenant, entry.inputs, params)
         if entry.check is not None:
-            entry.check(params, resolved)
+            entry.check(params, resolved, services().settings)
     except InputNotFound as error:
         raise ApiError(404, "not_found", error.message, f"params.{error.field}") from None
     except InputError as error:
