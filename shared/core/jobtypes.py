@@ -91,8 +91,9 @@ def _check_extend(params: Params, resolved: Resolved, settings: Settings) -> Non
     if new_frames > room:
         raise InputError(
             "duration_s",
-            f"the song has {song_frames} frames and the prompt {prompt_rows}; at most {room} new "
-            f"frames ({room * FRAME_S:.2f} s) fit the {CONTEXT_POSITIONS}-position context",
+            f"prompt ({prompt_rows} positions) + history ({song_frames} frames) + {new_frames} "
+            f"new frames is over the {CONTEXT_POSITIONS}-position context; at most {room} new "
+            f"frames ({room * FRAME_S:.2f} s) fit",
         )
 
 
