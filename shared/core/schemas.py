@@ -134,7 +134,7 @@ class GenerateParams(_PromptParams):
         gt=0,
         description="Seconds of audio, at least one 80 ms frame (0.08 s) and at most "
         "HEARTCLUSTER_MAX_DURATION_S; the song has the whole frames in it (rounded down to the "
-        "80 ms grid). Prompt + frames must fit the 8192-position context.",
+        f"80 ms grid). Prompt + frames must fit the {CONTEXT_POSITIONS}-position context.",
     )
     temperature: float = Field(1.0, gt=0, le=2)
     top_k: int = Field(50, ge=1, le=AUDIO_VOCAB)
