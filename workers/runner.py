@@ -21,6 +21,7 @@ from shared.core.config import Settings
 from shared.core.inputs import InputResolver
 from shared.core.jobs import Job, JobStore, UploadStore
 from shared.core.jobtypes import JOB_TYPES, parse_params
+from shared.core.schemas import invalid_request
 from shared.core.storage import METADATA, ObjectStore, artifact_key, content_type_for, job_prefix
 from shared.core.tokens import InputError
 from shared.ml.generation.engine import RequestError
@@ -141,7 +142,7 @@ class JobRunner:
                 params = parse_params(entry, job.params, self.settings)
                 inputs = self.inputs.resolve(job.tenant, entry.inputs, params)
                 if entry.check is not None:
-                    entry.check(params, inputs)
+                    entry.check(params, inputs, self.settings)
                 context = JobContext(
                     job,
                     params,
@@ -170,7 +171,9 @@ class JobRunner:
             else:
                 self._delete_artifacts(job)
                 self.jobs.mark_cancelled(job.id)
-        except (RequestError, InputError, AudioError, ValidationError) as error:
+        except ValidationError as error:  # "field: message", as the gateway names it
+            self._end_failed(job, "invalid_params", str(invalid_request(error)))
+        except (RequestError, InputError, AudioError) as error:
             self._end_failed(job, "invalid_params", str(error))
         except NothingGenerated as error:
             self._end_failed(job, "nothing_generated", str(error))

@@ -53,6 +53,7 @@ def create_app(
     celery_app: Any = None,
 ) -> Flask:
     """The gateway. Anything not given is built from `settings` (default: the environment)."""
+    from api.gateway.limits import limit_body
     from api.gateway.openapi import bp as openapi_bp
     from api.gateway.routes.health import bp as health_bp
     from api.gateway.routes.jobs import bp as jobs_bp
@@ -75,6 +76,7 @@ def create_app(
         celery=celery_app or make_celery(settings),
     )
     register_error_handlers(app)
+    app.before_request(limit_body)
     for blueprint in (health_bp, openapi_bp, jobs_bp, uploads_bp):
         app.register_blueprint(blueprint)
     return app

@@ -1,7 +1,9 @@
 """Audio files in and out: reading and validating uploads, writing results, crossfades.
 
 The gateway validates uploads with this module, so it imports no torch (resampling lives in
-`shared.ml.resample`).
+`shared.ml.resample`). Limits are checked from the file's header before anything is decoded,
+and uploads are probed by decoding in small blocks, so a small file that decodes to gigabytes
+(many channels, a high rate, hours of silence) costs neither memory nor much time.
 """
 
 from __future__ import annotations
@@ -9,12 +11,14 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import soundfile as sf
 
+from shared.core.config import Settings
 from shared.core.constants import SAMPLE_RATE
 
 DEFAULT_FORMAT = "flac"
@@ -35,10 +39,38 @@ _UNKNOWN_SIZES = {0, 0xFFFFFFFF, 0x7FFFFFFF}
 # Compressed formats (MP3 without a length header) only estimate their length up front, so a
 # file counts as truncated when clearly less than the announced length decodes.
 _DECODED_FRACTION = 0.99
+_BLOCK_FRAMES = 65_536  # frames decoded at a time when probing (2 MiB at 8 channels)
+_FLOAT32_BYTES = 4
 
 
 class AudioError(ValueError):
-    """An audio file cannot be used: unreadable, empty, non-finite or too long."""
+    """An audio file cannot be used: unreadable, empty, non-finite or over a limit."""
+
+
+@dataclass(frozen=True)
+class AudioLimits:
+    """What an audio file may declare in its header (None: no limit)."""
+
+    max_seconds: float | None = None
+    max_channels: int | None = None
+    max_sample_rate: int | None = None
+    max_decoded_bytes: int | None = None  # frames x channels as float32
+
+    @classmethod
+    def for_uploads(cls, settings: Settings) -> AudioLimits:
+        return cls(
+            max_seconds=settings.max_upload_seconds,
+            max_channels=settings.max_upload_channels,
+            max_sample_rate=settings.max_upload_sample_rate,
+            max_decoded_bytes=settings.max_decoded_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    duration_s: float
+    sample_rate: int
+    channels: int
 
 
 def _as_file(source: AudioSource) -> str | BinaryIO:
@@ -62,42 +94,95 @@ def _truncated_header(extra_info: str) -> bool:
     return declared not in _UNKNOWN_SIZES and declared > actual
 
 
+def _check_header(info: Any, limits: AudioLimits, name: str) -> None:
+    """Refuse from the header alone (`info`: soundfile.info's answer) what would be refused,
+    or be too big, once decoded."""
+    if _truncated_header(info.extra_info):
+        raise AudioError(f"{name}: file is truncated (its header promises more data)")
+    if info.samplerate <= 0 or info.channels <= 0:
+        raise AudioError(
+            f"{name}: header declares {info.channels} channels at {info.samplerate} Hz"
+        )
+    if limits.max_channels is not None and info.channels > limits.max_channels:
+        raise AudioError(
+            f"{name}: {info.channels} channels; at most {limits.max_channels} allowed "
+            "(HEARTCLUSTER_MAX_UPLOAD_CHANNELS)"
+        )
+    if limits.max_sample_rate is not None and info.samplerate > limits.max_sample_rate:
+        raise AudioError(
+            f"{name}: sample rate {info.samplerate} Hz; at most {limits.max_sample_rate} Hz "
+            "allowed (HEARTCLUSTER_MAX_UPLOAD_SAMPLE_RATE)"
+        )
+    _check_length(info.frames, info.samplerate, limits, name)
+    decoded = info.frames * info.channels * _FLOAT32_BYTES
+    if limits.max_decoded_bytes is not None and decoded > limits.max_decoded_bytes:
+        raise AudioError(
+            f"{name}: decodes to {decoded} bytes; at most {limits.max_decoded_bytes} allowed "
+            "(HEARTCLUSTER_MAX_DECODED_BYTES)"
+        )
+
+
+def _check_length(frames: int, rate: int, limits: AudioLimits, name: str) -> None:
+    if limits.max_seconds is not None and frames > limits.max_seconds * rate:
+        raise AudioError(
+            f"{name}: {frames / rate:.2f} s is longer than the {limits.max_seconds:g} s limit"
+        )
+
+
+def _check_decoded(decoded: int, declared: int, name: str) -> None:
+    if decoded == 0:
+        raise AudioError(f"{name}: file holds no audio samples")
+    if decoded < _DECODED_FRACTION * declared:
+        raise AudioError(f"{name}: file is truncated ({decoded} of {declared} samples decodable)")
+
+
+def probe_audio(source: AudioSource, limits: AudioLimits, name: str = "audio") -> AudioInfo:
+    """Check an audio file as `read_audio` would, decoding it block by block instead of whole:
+    the header against `limits` first, then every block (finite samples, length so far)."""
+    file = _as_file(source)
+    decoded = 0
+    try:
+        info = sf.info(file)
+        _check_header(info, limits, name)
+        _rewind(file)
+        with sf.SoundFile(file) as sound:
+            for block in sound.blocks(_BLOCK_FRAMES, dtype="float32", always_2d=True):
+                if not np.isfinite(block).all():
+                    raise AudioError(f"{name}: audio contains NaN or infinite samples")
+                decoded += block.shape[0]
+                _check_length(decoded, info.samplerate, limits, name)
+    except sf.LibsndfileError as error:
+        raise AudioError(f"{name}: not a readable audio file ({error.error_string})") from None
+    except (RuntimeError, EOFError) as error:
+        raise AudioError(f"{name}: not a readable audio file ({error})") from None
+    _check_decoded(decoded, info.frames, name)
+    return AudioInfo(decoded / info.samplerate, int(info.samplerate), int(info.channels))
+
+
 def read_audio(
     source: AudioSource, max_seconds: float | None = None, name: str = "audio"
 ) -> tuple[np.ndarray, int]:
     """Decode WAV/FLAC/OGG/MP3 (anything libsndfile reads) → (float32 [channels, samples], rate).
 
     Raises AudioError naming `name` when the data is not decodable audio, is truncated, holds
-    no samples or non-finite samples, or lasts longer than `max_seconds`.
+    no samples or non-finite samples, or lasts longer than `max_seconds` (checked from the
+    header before decoding, and again after).
     """
     file = _as_file(source)
+    limits = AudioLimits(max_seconds=max_seconds)
     try:
         info = sf.info(file)
-        if _truncated_header(info.extra_info):
-            raise AudioError(f"{name}: file is truncated (its header promises more data)")
-        if max_seconds is not None and info.frames > max_seconds * info.samplerate:
-            raise AudioError(
-                f"{name}: {info.frames / info.samplerate:.2f} s is longer than the "
-                f"{max_seconds:g} s limit"
-            )
+        _check_header(info, limits, name)
         _rewind(file)
         data, rate = sf.read(file, dtype="float32", always_2d=True)
     except sf.LibsndfileError as error:
         raise AudioError(f"{name}: not a readable audio file ({error.error_string})") from None
     except (RuntimeError, EOFError) as error:
         raise AudioError(f"{name}: not a readable audio file ({error})") from None
-    if data.shape[0] == 0:
-        raise AudioError(f"{name}: file holds no audio samples")
-    if data.shape[0] < _DECODED_FRACTION * info.frames:
-        raise AudioError(
-            f"{name}: file is truncated ({data.shape[0]} of {info.frames} samples decodable)"
-        )
+    _check_decoded(data.shape[0], info.frames, name)
     if not np.isfinite(data).all():
         raise AudioError(f"{name}: audio contains NaN or infinite samples")
-    if max_seconds is not None and data.shape[0] > max_seconds * rate:
-        raise AudioError(
-            f"{name}: {data.shape[0] / rate:.2f} s is longer than the {max_seconds:g} s limit"
-        )
+    _check_length(data.shape[0], rate, limits, name)
     return np.ascontiguousarray(data.T), int(rate)
 
 

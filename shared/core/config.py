@@ -38,6 +38,14 @@ class Settings:
     max_duration_s: float = 600.0
     max_lyrics_chars: int = 6000
     max_tags: int = 32
+    max_tag_bytes: int = 100  # one tag, UTF-8
+    max_tags_bytes: int = 1000  # all tags with their commas, UTF-8
+    max_json_bytes: int = 256 * 1024  # a JSON request body (6,000 escaped emoji is ~72 KiB)
+    max_json_depth: int = 32  # nesting of a JSON request body
+    max_filename_chars: int = 200  # an upload's file name (file systems stop at 255 bytes)
+    max_upload_channels: int = 2
+    max_upload_sample_rate: int = 96_000
+    max_decoded_bytes: int = 512 * 1024 * 1024  # an upload decoded to float32, from its header
     max_upload_bytes: int = 50 * 1024 * 1024
     max_upload_seconds: float = 600.0
     max_attempts: int = 3
@@ -62,6 +70,22 @@ class Settings:
             max_duration_s=reader.get("MAX_DURATION_S", cls.max_duration_s, _positive(float)),
             max_lyrics_chars=reader.get("MAX_LYRICS_CHARS", cls.max_lyrics_chars, _positive(int)),
             max_tags=reader.get("MAX_TAGS", cls.max_tags, _positive(int)),
+            max_tag_bytes=reader.get("MAX_TAG_BYTES", cls.max_tag_bytes, _positive(int)),
+            max_tags_bytes=reader.get("MAX_TAGS_BYTES", cls.max_tags_bytes, _positive(int)),
+            max_json_bytes=reader.get("MAX_JSON_BYTES", cls.max_json_bytes, _positive(int)),
+            max_json_depth=reader.get("MAX_JSON_DEPTH", cls.max_json_depth, _positive(int)),
+            max_filename_chars=reader.get(
+                "MAX_FILENAME_CHARS", cls.max_filename_chars, _positive(int)
+            ),
+            max_upload_channels=reader.get(
+                "MAX_UPLOAD_CHANNELS", cls.max_upload_channels, _positive(int)
+            ),
+            max_upload_sample_rate=reader.get(
+                "MAX_UPLOAD_SAMPLE_RATE", cls.max_upload_sample_rate, _positive(int)
+            ),
+            max_decoded_bytes=reader.get(
+                "MAX_DECODED_BYTES", cls.max_decoded_bytes, _positive(int)
+            ),
             max_upload_bytes=reader.get("MAX_UPLOAD_BYTES", cls.max_upload_bytes, _positive(int)),
             max_upload_seconds=reader.get(
                 "MAX_UPLOAD_SECONDS", cls.max_upload_seconds, _positive(float)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -440,9 +441,11 @@ def _encode_cursor(score: float, job_id: str) -> str:
 def _decode_cursor(cursor: str) -> tuple[float, str]:
     try:
         score, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split(":", 1)
-        return float(score), job_id
+        if math.isfinite(float(score)):  # nan or inf would reach Redis as a score range
+            return float(score), job_id
     except (ValueError, UnicodeDecodeError):
-        raise ValueError(f"invalid cursor {cursor!r}") from None
+        pass
+    raise ValueError(f"invalid cursor {cursor!r}")
 
 
 @dataclass

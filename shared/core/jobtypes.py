@@ -18,9 +18,10 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from shared.core.config import Settings
-from shared.core.constants import CONTEXT_POSITIONS, FRAME_S, MIN_PROMPT_ROWS, frames_for_seconds
+from shared.core.constants import CONTEXT_POSITIONS, FRAME_S, frames_for_seconds
 from shared.core.inpaint import plan_gap
 from shared.core.inputs import Resolved, SourceJob, SourceUpload
+from shared.core.prompt_text import prompt_counter
 from shared.core.schemas import (
     AUDIO_ARTIFACTS,
     DecodeParams,
@@ -53,8 +54,9 @@ class JobType:
     inputs: tuple[SourceJob | SourceUpload, ...] = ()
     # what a succeeded job holds besides metadata.json; `{format}` is the params' format
     artifacts: tuple[str, ...] = ()
-    # checks that need the resolved inputs (song lengths...); may fill inherited params
-    check: Callable[[Params, Resolved], None] | None = None
+    # checks that need the resolved inputs (song lengths...) and this deployment's settings
+    # (the tokenizer that counts the prompt); may fill inherited params
+    check: Callable[[Params, Resolved, Settings], None] | None = None
 
     def artifact_names(self, params: Params) -> tuple[str, ...]:
         """The artifact names a job with these params writes, metadata.json included."""
@@ -76,24 +78,26 @@ def _inherit_prompt(params: ExtendParams | InpaintParams, resolved: Resolved) ->
         params.lyrics = inherited.get("lyrics", "")
 
 
-def _check_extend(params: Params, resolved: Resolved) -> None:
-    """Refuse at once what cannot fit the model's context (the worker re-checks exactly, with
-    the real prompt length)."""
+def _check_extend(params: Params, resolved: Resolved, settings: Settings) -> None:
+    """Refuse at once what cannot fit the model's context: the prompt (the inherited tags and
+    lyrics counted as the worker will), the song so far and the new frames."""
     assert isinstance(params, ExtendParams)
+    _inherit_prompt(params, resolved)
     field = "source_job_id" if params.source_job_id is not None else "upload_id"
     song_frames = resolved.frames(field)
     new_frames = frames_for_seconds(params.duration_s)
-    room = max(CONTEXT_POSITIONS - MIN_PROMPT_ROWS - song_frames, 0)
+    prompt_rows = prompt_counter(settings.model_dir).rows(params.tags or "", params.lyrics or "")
+    room = max(CONTEXT_POSITIONS - prompt_rows - song_frames, 0)
     if new_frames > room:
         raise InputError(
             "duration_s",
-            f"the song has {song_frames} frames; with the prompt at most {room} new frames "
-            f"({room * FRAME_S:.2f} s) fit the {CONTEXT_POSITIONS}-position context",
+            f"prompt ({prompt_rows} positions) + history ({song_frames} frames) + {new_frames} "
+            f"new frames is over the {CONTEXT_POSITIONS}-position context; at most {room} new "
+            f"frames ({room * FRAME_S:.2f} s) fit",
         )
-    _inherit_prompt(params, resolved)
 
 
-def _check_inpaint(params: Params, resolved: Resolved) -> None:
+def _check_inpaint(params: Params, resolved: Resolved, settings: Settings) -> None:
     assert isinstance(params, InpaintParams)
     plan_gap(params.start_s, params.end_s, resolved.frames("source_job_id"))
     _inherit_prompt(params, resolved)

@@ -1,14 +1,16 @@
 """Request and response schemas (pydantic v2): one definition validates requests and generates
 the OpenAPI document, so the two cannot drift apart.
 
-Limits that depend on the deployment (tag count, lyrics length, duration) come from Settings
-through the validation context; limits that need a tokenizer (prompt + frames fit the model's
-context) are re-checked by the worker. No torch: the gateway imports this.
+Limits that depend on the deployment (tag count and bytes, lyrics length, duration) come from
+Settings through the validation context. Every text field is checked by shared.core.text (valid
+Unicode, no control characters), and prompt + frames must fit the model's context, counted with
+the model's tokenizer when Settings names a model directory (shared.core.prompt_text), so what
+passes here does not fail in the worker. No torch: the gateway imports this.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -20,13 +22,24 @@ from pydantic import (
 )
 
 from shared.core.config import Settings
-from shared.core.constants import AUDIO_VOCAB
+from shared.core.constants import (
+    AUDIO_VOCAB,
+    CONTEXT_POSITIONS,
+    FRAME_MS,
+    FRAME_S,
+    frames_for_seconds,
+)
 from shared.core.jobs import Job, Upload
+from shared.core.languages import language_code
+from shared.core.prompt_text import prompt_counter
+from shared.core.text import clean_text
 
 AudioFormat = Literal["flac", "wav", "mp3"]
 AUDIO_ARTIFACTS = tuple(f"audio.{fmt}" for fmt in get_args(AudioFormat))  # a song's audio file
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]  # jobs.STATES
 SEED_MAX = 2**32 - 1
+ID_MAX_CHARS = 64  # job and upload ids are 32 hex digits
+SONG_MAX_S = CONTEXT_POSITIONS * FRAME_S  # no song is longer than the context
 
 
 class Params(BaseModel):
@@ -35,6 +48,16 @@ class Params(BaseModel):
     # strict: "30" is not a number and 7.0 is not an integer; forbid: a misspelt field is an
     # error, not a silently ignored option
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    # text fields that may hold newlines and tabs; every other string is one line
+    multiline_fields: ClassVar[frozenset[str]] = frozenset()
+
+    @field_validator("*")
+    @classmethod
+    def _text(cls, value: Any, info: ValidationInfo) -> Any:
+        """Every string: valid Unicode without control characters, in NFC."""
+        if not isinstance(value, str):
+            return value
+        return clean_text(value, multiline=info.field_name in cls.multiline_fields)
 
 
 def _limits(info: ValidationInfo) -> Settings:
@@ -42,8 +65,22 @@ def _limits(info: ValidationInfo) -> Settings:
     return context.get("settings") or Settings()
 
 
+def _prompt_rows(info: ValidationInfo, lyrics: str) -> int:
+    """Context positions of the prompt (the tags validated so far, `lyrics`); the parent's
+    tags and lyrics, when inherited later, are counted by the worker."""
+    return prompt_counter(_limits(info).model_dir).rows(info.data.get("tags") or "", lyrics)
+
+
+def _counted(info: ValidationInfo) -> str:
+    if prompt_counter(_limits(info).model_dir).exact:
+        return "tokens"
+    return "positions at most (counted in UTF-8 bytes: no tokenizer, HEARTCLUSTER_MODEL_DIR)"
+
+
 class _PromptParams(Params):
-    """Tag-count and lyrics-length limits for every job type that takes a prompt."""
+    """Tag, lyrics and prompt-length limits for every job type that takes a prompt."""
+
+    multiline_fields = frozenset({"lyrics"})
 
     @field_validator("tags", check_fields=False)
     @classmethod
@@ -53,10 +90,22 @@ class _PromptParams(Params):
         tags = [tag.strip() for tag in value.split(",") if tag.strip()]
         if not tags:
             raise ValueError("give at least one tag")
-        limit = _limits(info).max_tags
-        if len(tags) > limit:
-            raise ValueError(f"{len(tags)} tags given; at most {limit} allowed")
-        return ",".join(tags)
+        limits = _limits(info)
+        if len(tags) > limits.max_tags:
+            raise ValueError(f"{len(tags)} tags given; at most {limits.max_tags} allowed")
+        for tag in tags:
+            if len(tag.encode()) > limits.max_tag_bytes:
+                raise ValueError(
+                    f"tag {tag[:20]!r}... is {len(tag.encode())} bytes (UTF-8); "
+                    f"at most {limits.max_tag_bytes} allowed per tag"
+                )
+        joined = ",".join(tags)
+        if len(joined.encode()) > limits.max_tags_bytes:
+            raise ValueError(
+                f"tags are {len(joined.encode())} bytes (UTF-8); "
+                f"at most {limits.max_tags_bytes} allowed in all"
+            )
+        return joined
 
     @field_validator("lyrics", check_fields=False)
     @classmethod
@@ -66,6 +115,12 @@ class _PromptParams(Params):
         limit = _limits(info).max_lyrics_chars
         if len(value) > limit:
             raise ValueError(f"lyrics are {len(value)} characters; at most {limit} allowed")
+        rows = _prompt_rows(info, value)
+        if rows >= CONTEXT_POSITIONS:  # not even one frame would fit
+            raise ValueError(
+                f"the prompt takes {rows} {_counted(info)}; with a song it must fit the "
+                f"{CONTEXT_POSITIONS}-position context"
+            )
         return value
 
 
@@ -80,7 +135,11 @@ class GenerateParams(_PromptParams):
         "", description="Lyrics text (at most HEARTCLUSTER_MAX_LYRICS_CHARS characters)."
     )
     duration_s: float = Field(
-        30.0, gt=0, description="Seconds of audio (at most HEARTCLUSTER_MAX_DURATION_S)."
+        30.0,
+        gt=0,
+        description="Seconds of audio, at least one 80 ms frame (0.08 s) and at most "
+        "HEARTCLUSTER_MAX_DURATION_S; the song has the whole frames in it (rounded down to the "
+        f"80 ms grid). Prompt + frames must fit the {CONTEXT_POSITIONS}-position context.",
     )
     temperature: float = Field(1.0, gt=0, le=2)
     top_k: int = Field(50, ge=1, le=AUDIO_VOCAB)
@@ -96,6 +155,19 @@ class GenerateParams(_PromptParams):
         limit = _limits(info).max_duration_s
         if value > limit:
             raise ValueError(f"duration {value:g} s is over the limit of {limit:g} s")
+        frames = frames_for_seconds(value)
+        if frames < 1:
+            raise ValueError(
+                f"duration {value:g} s is under one {FRAME_MS} ms frame; at least {FRAME_S:g} s"
+            )
+        rows = _prompt_rows(info, info.data.get("lyrics") or "")
+        if rows + frames > CONTEXT_POSITIONS:
+            room = max(CONTEXT_POSITIONS - rows, 0)
+            raise ValueError(
+                f"the prompt ({rows} {_counted(info)}) + {frames} frames is over the "
+                f"{CONTEXT_POSITIONS}-position context; at most {room} frames "
+                f"({room * FRAME_S:.2f} s) fit"
+            )
         return value
 
 
@@ -109,8 +181,10 @@ def _second_source(value: str | None, info: ValidationInfo, first: str) -> str |
 class DecodeParams(Params):
     """Tokens → audio, from a finished job's tokens.npy or an uploaded .npy ([8, T] codes)."""
 
-    source_job_id: str | None = Field(None, min_length=1)
-    tokens_upload_id: str | None = Field(None, min_length=1, validate_default=True)
+    source_job_id: str | None = Field(None, min_length=1, max_length=ID_MAX_CHARS)
+    tokens_upload_id: str | None = Field(
+        None, min_length=1, max_length=ID_MAX_CHARS, validate_default=True
+    )
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     steps: int = Field(10, ge=1, le=200, description="Flow-matching solver steps.")
     format: AudioFormat = "flac"
@@ -124,7 +198,7 @@ class DecodeParams(Params):
 class EncodeParams(Params):
     """Audio → tokens, from an uploaded audio file."""
 
-    upload_id: str = Field(min_length=1)
+    upload_id: str = Field(min_length=1, max_length=ID_MAX_CHARS)
 
 
 class ExtendParams(GenerateParams):
@@ -134,8 +208,10 @@ class ExtendParams(GenerateParams):
 
     tags: str | None = Field(None, min_length=1, description="Default: the parent job's tags.")
     lyrics: str | None = Field(None, description="Default: the parent job's lyrics.")
-    source_job_id: str | None = Field(None, min_length=1)
-    upload_id: str | None = Field(None, min_length=1, validate_default=True)
+    source_job_id: str | None = Field(None, min_length=1, max_length=ID_MAX_CHARS)
+    upload_id: str | None = Field(
+        None, min_length=1, max_length=ID_MAX_CHARS, validate_default=True
+    )
 
     @field_validator("upload_id")
     @classmethod
@@ -146,9 +222,9 @@ class ExtendParams(GenerateParams):
 class InpaintParams(_PromptParams):
     """Regenerate [start_s, end_s) of a finished song; everything else stays as it was."""
 
-    source_job_id: str = Field(min_length=1)
-    start_s: float = Field(ge=0)
-    end_s: float = Field(gt=0)
+    source_job_id: str = Field(min_length=1, max_length=ID_MAX_CHARS)
+    start_s: float = Field(ge=0, le=SONG_MAX_S)
+    end_s: float = Field(gt=0, le=SONG_MAX_S)
     tags: str | None = Field(None, min_length=1, description="Default: the parent job's tags.")
     lyrics: str | None = Field(None, description="Default: the parent job's lyrics.")
     temperature: float = Field(0.2, gt=0, le=2)
@@ -169,9 +245,22 @@ class InpaintParams(_PromptParams):
 class TranscribeParams(Params):
     """Lyrics from audio: an audio upload or a finished job's audio."""
 
-    source_job_id: str | None = Field(None, min_length=1)
-    upload_id: str | None = Field(None, min_length=1, validate_default=True)
-    language: str | None = Field(None, min_length=2, max_length=8, examples=["en"])
+    source_job_id: str | None = Field(None, min_length=1, max_length=ID_MAX_CHARS)
+    upload_id: str | None = Field(
+        None, min_length=1, max_length=ID_MAX_CHARS, validate_default=True
+    )
+    language: str | None = Field(
+        None,
+        min_length=2,
+        max_length=32,
+        description="A Whisper language code or name ('en', 'english'); omit to detect it.",
+        examples=["en"],
+    )
+
+    @field_validator("language")
+    @classmethod
+    def _language(cls, value: str | None) -> str | None:
+        return None if value is None else language_code(value)
 
     @field_validator("upload_id")
     @classmethod
@@ -182,7 +271,9 @@ class TranscribeParams(Params):
 class SubmitRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: str = Field(description="A job type of shared/core/jobtypes.py (generate, extend, ...).")
+    type: str = Field(
+        max_length=64, description="A job type of shared/core/jobtypes.py (generate, extend, ...)."
+    )
     params: dict[str, Any] = Field(
         default_factory=dict,
         description="The params schema of `type` (GenerateParams, ExtendParams, ...).",
@@ -194,6 +285,11 @@ class SubmitRequest(BaseModel):
         description="Resubmitting with the same key returns the first job instead of a new one "
         "(the Idempotency-Key header does the same).",
     )
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _key_text(cls, value: str | None) -> str | None:
+        return None if value is None else clean_text(value)
 
 
 class InvalidRequest(ValueError):

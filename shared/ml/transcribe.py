@@ -19,14 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
-from transformers.models.whisper.tokenization_whisper import (
-    LANGUAGES,
-    TO_LANGUAGE_CODE,
-    _combine_tokens_into_words,
-)
+from transformers.models.whisper.tokenization_whisper import _combine_tokens_into_words
 
 from shared.core.audio import AudioError
 from shared.core.constants import WHISPER_SAMPLE_RATE
+from shared.core.languages import LANGUAGES
+from shared.core.languages import language_code as known_language
 from shared.core.lyrics import Segment, Transcript, Word
 from shared.ml.models.checkpoint import CheckpointError, resolve_device, resolve_dtype
 from shared.ml.resample import resample
@@ -93,9 +91,11 @@ class Transcriber:
 
     def language_code(self, language: str) -> str:
         """'en', '<|en|>' or 'english' → 'en', checked against the checkpoint's languages."""
-        code = language.strip().lower().removeprefix("<|").removesuffix("|>")
-        code = TO_LANGUAGE_CODE.get(code, code)
-        if code not in self.id_to_language.values():
+        try:
+            code: str | None = known_language(language)
+        except ValueError:
+            code = None
+        if code is None or code not in self.id_to_language.values():
             known = ", ".join(sorted(self.id_to_language.values())) or "none (English-only)"
             raise ValueError(f"language: {language!r} is not one this model knows ({known})")
         return code

@@ -13,10 +13,12 @@ import soundfile as sf
 
 from shared.core.audio import (
     AudioError,
+    AudioLimits,
     crossfade,
     encode_audio,
     format_for_path,
     overlap_add,
+    probe_audio,
     read_audio,
     write_audio,
 )
@@ -144,3 +146,48 @@ def test_module_imports_no_torch() -> None:
     root = Path(__file__).parents[2]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env={"PYTHONPATH": str(root)})
     assert done.returncode == 0
+
+
+# ----- probing uploads block by block -------------------------------------------------------
+
+
+def _flac_bytes(data: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, data.T, rate, format="FLAC")
+    return buffer.getvalue()
+
+
+def test_probe_agrees_with_read_audio() -> None:
+    data = _flac_bytes(_stereo(1.25))
+    info = probe_audio(data, AudioLimits(max_seconds=2), "take")
+    audio, rate = read_audio(data)
+    assert (info.duration_s, info.sample_rate, info.channels) == (1.25, rate, audio.shape[0])
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        (AudioLimits(max_channels=1), "take: 2 channels; at most 1 allowed"),
+        (AudioLimits(max_sample_rate=44_100), "sample rate 48000 Hz; at most 44100 Hz"),
+        (AudioLimits(max_seconds=0.5), "1.25 s is longer than the 0.5 s limit"),
+        (AudioLimits(max_decoded_bytes=1000), "decodes to 480000 bytes; at most 1000"),
+    ],
+)
+def test_probe_refuses_from_the_header(limits: AudioLimits, message: str) -> None:
+    with pytest.raises(AudioError, match=message):
+        probe_audio(_flac_bytes(_stereo(1.25)), limits, "take")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (_wav_bytes(np.full((2, 100), np.nan, np.float32), "FLOAT"), "NaN"),
+        (_wav_bytes(_stereo())[:30_000], "truncated"),
+        (b"not audio", "not a readable audio file"),
+    ],
+)
+def test_probe_refuses_what_read_audio_refuses(data: bytes, message: str) -> None:
+    with pytest.raises(AudioError, match=message):
+        probe_audio(data, AudioLimits(), "take")
+    with pytest.raises(AudioError, match=message):
+        read_audio(data)

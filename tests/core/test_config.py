@@ -37,6 +37,9 @@ def test_s3_storage_and_numbers_are_parsed() -> None:
             "HEARTCLUSTER_S3_ENDPOINT_URL": "http://127.0.0.1:9000",
             "HEARTCLUSTER_MAX_DURATION_S": "240.5",
             "HEARTCLUSTER_MAX_TAGS": "8",
+            "HEARTCLUSTER_MAX_TAG_BYTES": "50",
+            "HEARTCLUSTER_MAX_JSON_DEPTH": "10",
+            "HEARTCLUSTER_MAX_UPLOAD_SAMPLE_RATE": "48000",
             "HEARTCLUSTER_DTYPE": "bf16",
             "HEARTCLUSTER_MODEL_DIR": "/models",
             "UNRELATED": "ignored",
@@ -50,6 +53,8 @@ def test_s3_storage_and_numbers_are_parsed() -> None:
     assert settings.s3_endpoint_url == "http://127.0.0.1:9000"
     assert settings.max_duration_s == 240.5
     assert settings.max_tags == 8
+    assert (settings.max_tag_bytes, settings.max_json_depth) == (50, 10)
+    assert settings.max_upload_sample_rate == 48_000
     assert settings.dtype == "bf16"
     assert settings.model_dir == Path("/models")
 
@@ -71,6 +76,8 @@ def test_empty_values_mean_default() -> None:
         ("ENGINE_MAX_ROWS", "two"),
         ("MAX_DURATION_S", "-5"),
         ("MAX_UPLOAD_BYTES", "1.5"),
+        ("MAX_JSON_BYTES", "0"),
+        ("MAX_UPLOAD_CHANNELS", "stereo"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shared.core.config import Settings
 from shared.core.inputs import InputNotFound, InputResolver, SourceJob, SourceUpload
 from shared.core.jobs import Job, JobStore, Upload, UploadStore
 from shared.core.jobtypes import job_type
@@ -82,8 +83,8 @@ def test_extend_check_refuses_what_cannot_fit_and_inherits_the_prompt(resolver) 
     params = extend.params.model_validate({"source_job_id": song.id, "duration_s": 30.0})
     resolved = resolver.resolve("acme", extend.inputs, params)
     with pytest.raises(InputError) as caught:
-        extend.check(params, resolved)
+        extend.check(params, resolved, Settings())
     assert caught.value.field == "duration_s"
     params = extend.params.model_validate({"source_job_id": song.id, "duration_s": 1.0})
-    extend.check(params, resolver.resolve("acme", extend.inputs, params))
+    extend.check(params, resolver.resolve("acme", extend.inputs, params), Settings())
     assert params.tags == "piano" and params.lyrics == ""

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from shared.core.prompt_text import PromptCounter, prompt_counter
 from shared.ml.models.heartmula import load_heartmula
 from shared.ml.models.prompt import PromptBuilder, normalize_tags
 
@@ -93,3 +94,17 @@ def test_unconditional_rows_replace_every_text_embedding(
     torch.testing.assert_close(h[0, prompt.muq_index], model.muq_linear.bias)
     uncond = model.unconditional_text_embedding.weight[0]
     torch.testing.assert_close(h[1], uncond.expand_as(h[1]))
+
+
+@pytest.mark.parametrize(
+    ("tags", "lyrics"),
+    [("piano", ""), ("Piano, Happy ", "[verse]\nla la la\n"), ("rock", "😀" * 50 + " émoji")],
+)
+def test_the_gateways_count_is_the_prompts_length(
+    builder: PromptBuilder, tiny_model_dir: Path, tags: str, lyrics: str
+) -> None:
+    counter = prompt_counter(tiny_model_dir)
+    assert counter.exact
+    assert counter.rows(tags, lyrics) == builder.build(tags, lyrics).length
+    # without the tokenizer, an upper bound
+    assert PromptCounter(None, None).rows(tags, lyrics) >= builder.build(tags, lyrics).length

@@ -15,8 +15,15 @@ import pytest
 import redis
 
 from shared.core.config import Settings
-from shared.core.constants import AUDIO_EOS_ID, FRAME_S, SAMPLE_RATE, SAMPLES_PER_FRAME
+from shared.core.constants import (
+    AUDIO_EOS_ID,
+    CONTEXT_POSITIONS,
+    FRAME_S,
+    SAMPLE_RATE,
+    SAMPLES_PER_FRAME,
+)
 from shared.core.jobs import Job, JobStore, UploadStore
+from shared.core.prompt_text import prompt_counter
 from shared.core.storage import LocalStore, artifact_key
 from workers.handlers import job_seed
 from workers.models import WorkerModels
@@ -190,11 +197,14 @@ def test_extend_keeps_the_parent_and_continues_from_its_last_prediction(
 
 
 def test_extend_past_the_context_fails_before_generating(runner: JobRunner, parent: Job) -> None:
+    # prompt + new frames fit (the params pass), prompt + the parent's 12 frames + new do not
+    lyrics = "la la la " * 600
+    rows = prompt_counter(runner.settings.model_dir).rows("piano", lyrics)
     params = {
         "source_job_id": parent.id,
         "tags": "piano",
-        "lyrics": "la la la " * 600,
-        "duration_s": 590.0,
+        "lyrics": lyrics,
+        "duration_s": (CONTEXT_POSITIONS - rows - 6) * FRAME_S,
     }
     job = _new(runner, "extend", params)
     runner.run(job.id)

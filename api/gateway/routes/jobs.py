@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
 
 from flask import Blueprint, Response, jsonify, redirect, request, send_file, stream_with_context
 from flask.typing import ResponseReturnValue
@@ -12,6 +11,7 @@ from flask.typing import ResponseReturnValue
 from api.gateway.app import services
 from api.gateway.auth import authenticate, current_tenant
 from api.gateway.errors import ApiError
+from api.gateway.limits import json_body
 from shared.core.inputs import InputNotFound, SourceUpload
 from shared.core.jobs import STATES, Job
 from shared.core.jobtypes import JOB_TYPES, JobType, parse_submit
@@ -34,14 +34,6 @@ def _job_or_404(job_id: str) -> Job:
     return job
 
 
-def _json_body() -> Any:
-    """The request's JSON (whatever its Content-Type claims); 400 when it does not parse."""
-    try:
-        return json.loads(request.get_data(cache=False) or b"null")
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {error}") from None
-
-
 def _check_inputs(tenant: str, entry: JobType, params: Params) -> tuple[Job | None, Job | None]:
     """The jobs and uploads the params name must be this tenant's (else 404) and usable (else
     422); then the type's own checks, which may fill inherited params in place.
@@ -51,7 +43,7 @@ def _check_inputs(tenant: str, entry: JobType, params: Params) -> tuple[Job | No
     try:
         resolved = services().inputs.resolve(tenant, entry.inputs, params)
         if entry.check is not None:
-            entry.check(params, resolved)
+            entry.check(params, resolved, services().settings)
     except InputNotFound as error:
         raise ApiError(404, "not_found", error.message, f"params.{error.field}") from None
     except InputError as error:
@@ -73,7 +65,7 @@ def submit() -> ResponseReturnValue:
     svc = services()
     tenant = current_tenant()
     try:
-        submission, entry, params = parse_submit(_json_body(), svc.settings)
+        submission, entry, params = parse_submit(json_body(), svc.settings)
     except InvalidRequest as error:
         # a body that is not an object is malformed (400); a bad field is invalid (422)
         if error.field is None:

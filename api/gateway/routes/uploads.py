@@ -12,8 +12,8 @@ from werkzeug.utils import secure_filename
 from api.gateway.app import services
 from api.gateway.auth import authenticate, current_tenant
 from api.gateway.errors import ApiError
-from shared.core.audio import read_audio
-from shared.core.constants import FRAMES_PER_SECOND
+from shared.core.audio import AudioLimits, probe_audio
+from shared.core.constants import FRAMES_PER_SECOND, frames_for_seconds
 from shared.core.jobs import Upload, new_id
 from shared.core.schemas import upload_out
 from shared.core.storage import content_type_for, upload_key
@@ -23,37 +23,42 @@ bp = Blueprint("uploads", __name__, url_prefix="/v1/uploads")
 bp.before_request(authenticate)
 
 
-def probe_audio(path: Path, max_seconds: float) -> tuple[float, int, int]:
-    """(duration_s, sample_rate, channels) of an audio file; ValueError if it is not one.
-
-    The whole file is decoded (read_audio), so truncated files and non-finite samples are
-    refused here rather than when a worker reads them.
-    """
-    audio, rate = read_audio(path, max_seconds, name=path.name)
-    return audio.shape[1] / rate, rate, audio.shape[0]
-
-
 def probe_tokens(path: Path, max_seconds: float) -> float:
-    """Duration in seconds of a tokens .npy ([8, T] codec codes); ValueError if not one."""
-    codes = read_tokens(path.read_bytes(), path.name)
-    duration = codes.shape[1] / FRAMES_PER_SECOND
-    if duration > max_seconds:
-        raise ValueError(
-            f"{path.name}: tokens span {duration:.1f} s; at most {max_seconds:g} s allowed"
+    """Duration in seconds of a tokens .npy ([8, T] codec codes), checked from its header
+    before the array is read; InputError if it is not one."""
+    with path.open("rb") as stream:
+        codes = read_tokens(stream, path.name, max_frames=frames_for_seconds(max_seconds))
+    return codes.shape[1] / FRAMES_PER_SECOND
+
+
+def _filename(raw: str | None, limit: int) -> str:
+    """A safe name to store the upload under; 422 naming `filename` when it is too long (as
+    sent, or once made safe: folding to ASCII can lengthen it, as 'ﬃ' becomes 'ffi')."""
+    safe = secure_filename(raw or "") or "upload"
+    length = max(len(raw or ""), len(safe))
+    if length > limit:
+        raise ApiError(
+            422,
+            "invalid_params",
+            f"the file name is {length} characters; at most {limit} allowed "
+            "(HEARTCLUSTER_MAX_FILENAME_CHARS)",
+            "filename",
         )
-    return duration
+    return safe
 
 
 @bp.post("")
 def create_upload() -> ResponseReturnValue:
-    """Store a multipart `file` after checking it: audio (any format libsndfile reads) or a
-    .npy token array. 201 with the upload; 413 over HEARTCLUSTER_MAX_UPLOAD_BYTES."""
+    """Store a multipart `file` after checking it: audio (any format libsndfile reads, within
+    the channel, rate, length and decoded-size limits, decoded block by block) or a .npy token
+    array (checked from its header). 201 with the upload; 413 over HEARTCLUSTER_MAX_UPLOAD_BYTES.
+    """
     svc = services()
     settings = svc.settings
     file = request.files.get("file")
     if file is None:
         raise ApiError(422, "invalid_params", "send the file as multipart field 'file'", "file")
-    filename = secure_filename(file.filename or "") or "upload"
+    filename = _filename(file.filename, settings.max_filename_chars)
     with tempfile.TemporaryDirectory(prefix="hc-upload-") as tmp:
         path = Path(tmp) / filename
         file.save(path)
@@ -73,7 +78,8 @@ def create_upload() -> ResponseReturnValue:
                 duration = probe_tokens(path, settings.max_upload_seconds)
             else:
                 kind = "audio"
-                duration, sample_rate, channels = probe_audio(path, settings.max_upload_seconds)
+                info = probe_audio(path, AudioLimits.for_uploads(settings), name=path.name)
+                duration, sample_rate, channels = info.duration_s, info.sample_rate, info.channels
         except ValueError as error:
             raise ApiError(422, "invalid_file", str(error), "file") from None
         upload_id = new_id()

@@ -8,29 +8,21 @@ string happens to name one, which a server must not do).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
-from shared.core.constants import AUDIO_EOS_ID
+from shared.core.prompt_text import (
+    MUQ_SLOT_ROWS,
+    GenConfig,
+    normalize_lyrics,
+    normalize_tags,
+    text_ids,
+)
 
-
-@dataclass(frozen=True)
-class GenConfig:
-    """gen_config.json: the special ids of the tokenizer and the model."""
-
-    text_bos_id: int = 128000
-    text_eos_id: int = 128001
-    audio_eos_id: int = AUDIO_EOS_ID
-    empty_id: int = 0
-
-    @classmethod
-    def from_file(cls, path: Path) -> GenConfig:
-        data = json.loads(path.read_text())
-        return cls(**{k: int(v) for k, v in data.items() if k in cls.__dataclass_fields__})
+__all__ = ["GenConfig", "Prompt", "PromptBuilder", "normalize_tags"]
 
 
 @dataclass(frozen=True)
@@ -42,13 +34,6 @@ class Prompt:
     @property
     def length(self) -> int:
         return self.tokens.shape[0]
-
-
-def normalize_tags(tags: str) -> str:
-    """'Piano, Happy ' or '<tag>piano,happy</tag>' → '<tag>piano,happy</tag>'."""
-    body = tags.strip().lower().removeprefix("<tag>").removesuffix("</tag>")
-    parts = [p.strip() for p in body.split(",")]
-    return "<tag>" + ",".join(p for p in parts if p) + "</tag>"
 
 
 class PromptBuilder:
@@ -66,23 +51,13 @@ class PromptBuilder:
                 raise FileNotFoundError(f"missing {path.name} in model directory {model_dir}")
         return cls(Tokenizer.from_file(str(tokenizer_path)), GenConfig.from_file(config_path))
 
-    def _encode(self, text: str) -> list[int]:
-        """Token ids with exactly one BOS first and one EOS last."""
-        ids = self.tokenizer.encode(text).ids
-        bos, eos = self.gen_config.text_bos_id, self.gen_config.text_eos_id
-        if not ids or ids[0] != bos:
-            ids = [bos, *ids]
-        if ids[-1] != eos:
-            ids = [*ids, eos]
-        return ids
-
     def build(self, tags: str, lyrics: str = "") -> Prompt:
-        tag_ids = self._encode(normalize_tags(tags))
-        lyric_ids = self._encode(lyrics.strip().lower())
-        rows = len(tag_ids) + 1 + len(lyric_ids)
+        tag_ids = text_ids(self.tokenizer, self.gen_config, normalize_tags(tags))
+        lyric_ids = text_ids(self.tokenizer, self.gen_config, normalize_lyrics(lyrics))
+        rows = len(tag_ids) + MUQ_SLOT_ROWS + len(lyric_ids)
         tokens = torch.full((rows, self.num_codebooks + 1), self.gen_config.empty_id)
         tokens[: len(tag_ids), -1] = torch.tensor(tag_ids)
-        tokens[len(tag_ids) + 1 :, -1] = torch.tensor(lyric_ids)
+        tokens[len(tag_ids) + MUQ_SLOT_ROWS :, -1] = torch.tensor(lyric_ids)
         mask = torch.zeros(tokens.shape, dtype=torch.bool)
         mask[:, -1] = True
         return Prompt(tokens=tokens, mask=mask, muq_index=len(tag_ids))
