@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import re
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -75,7 +75,7 @@ def job_types() -> JobTypes:
 class _Operation:
     rule: Rule
     method: str
-    view: Any
+    view: Callable[..., Any]
     doc: Doc
     authenticated: bool
 

@@ -68,9 +68,10 @@ EVENT_STREAM: dict[str, Any] = {
 
 def artifact_content() -> dict[str, dict[str, Any]]:
     """Media type → which artifacts are served with it (content_type_for, by extension)."""
-    names: dict[str, list[str]] = {content_type_for(""): ["any other name"]}
+    names: dict[str, list[str]] = {}
     for extension, content_type in CONTENT_TYPES.items():
         names.setdefault(content_type.split(";")[0], []).append(f"*{extension}")
+    names.setdefault(content_type_for(""), []).append("any other name")
     return {
         media_type: {"schema": {"description": "Artifacts named " + ", ".join(found)}}
         for media_type, found in names.items()
