@@ -16,7 +16,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic.fields import FieldInfo
 
-from shared.core.inputs import SourceJob, SourceUpload
+from shared.core.inputs import SourceUpload
 from shared.core.jobtypes import JOB_TYPES, JobType
 
 UPLOAD_OPTION = {"audio": "audio", "tokens": "tokens"}  # upload kind → option name
@@ -55,10 +55,8 @@ def _add_field(parser: Any, name: str, info: FieldInfo, required: bool) -> None:
 def add_submit_options(parser: argparse.ArgumentParser, entry: JobType) -> None:
     """The options of one job type; sets `param_names` and `upload_fields` on the namespace."""
     uploads = {spec.field: spec for spec in entry.inputs if isinstance(spec, SourceUpload)}
-    sources = [spec.field for spec in entry.inputs if isinstance(spec, SourceJob)]
-    either_or = None
-    if uploads and sources:
-        either_or = parser.add_mutually_exclusive_group(required=True)
+    sources = entry.alternative_sources
+    either_or = parser.add_mutually_exclusive_group(required=True) if sources else None
     for name, info in entry.params.model_fields.items():
         if name in uploads:
             kind = uploads[name].kind

@@ -10,6 +10,7 @@ import argparse
 from werkzeug.serving import run_simple
 
 from api.gateway import create_app
+from api.gateway.errors import JsonErrorRequestHandler
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,7 +20,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
-    run_simple(args.host, args.port, create_app(), threaded=True)
+    run_simple(
+        args.host,
+        args.port,
+        create_app(),
+        threaded=True,
+        request_handler=JsonErrorRequestHandler,
+    )
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """Every error leaves the gateway as JSON `{"error": {"code", "message", "field"}}`, including
-Flask's own 404/405/413 and unexpected exceptions (500, details only in the log)."""
+Flask's own 404/405/413, unexpected exceptions (500, details only in the log), and the errors
+Werkzeug's development server answers itself before Flask sees the request (431, 414, 400)."""
 
 from __future__ import annotations
 
+import json
 import logging
+from http import HTTPStatus
 
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
+from werkzeug.serving import WSGIRequestHandler
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +23,7 @@ _CODES = {
     413: "too_large",
     415: "unsupported_media_type",
     422: "invalid_params",
+    431: "headers_too_large",
     503: "unavailable",
 }
 
@@ -33,6 +38,14 @@ class ApiError(Exception):
         self.message = message
         self.field = field
         self.extra: dict[str, object] = {}
+
+
+def code_for(status: int) -> str:
+    """The error code of a status no route names itself (e.g. 414 → 'request_uri_too_long')."""
+    try:
+        return _CODES.get(status) or HTTPStatus(status).name.lower()
+    except ValueError:
+        return "http_error"
 
 
 def error_response(
@@ -53,9 +66,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> Response:
         status = error.code or 500
-        response = error_response(
-            status, _CODES.get(status, "http_error"), error.description or error.name
-        )
+        response = error_response(status, code_for(status), error.description or error.name)
         for name, value in error.get_headers():  # e.g. Allow on a 405
             if name.lower() != "content-type":
                 response.headers[name] = value
@@ -65,3 +76,21 @@ def register_error_handlers(app: Flask) -> None:
     def _unexpected(error: Exception) -> Response:
         log.exception("unhandled error")
         return error_response(500, "internal_error", "internal server error")
+
+
+class JsonErrorRequestHandler(WSGIRequestHandler):
+    """Werkzeug's server with its own error replies as JSON too: a header line over 64 KiB or
+    over 100 headers (431), a request line over 64 KiB (414), a malformed request line (400)."""
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        phrase, _ = self.responses.get(code, ("Error", ""))
+        text = f"{message or phrase} ({explain})" if explain else message or phrase
+        body = json.dumps({"error": {"code": code_for(code), "message": text, "field": None}})
+        self.log_error("code %d, message %s", code, text)
+        self.send_response(code, message)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body.encode())

@@ -58,6 +58,12 @@ class JobType:
     # (the tokenizer that counts the prompt); may fill inherited params
     check: Callable[[Params, Resolved, Settings], None] | None = None
 
+    @property
+    def alternative_sources(self) -> tuple[str, ...]:
+        """Fields of which exactly one must be given: a source job or an upload."""
+        kinds = {type(spec) for spec in self.inputs}
+        return tuple(spec.field for spec in self.inputs) if len(kinds) == 2 else ()
+
     def artifact_names(self, params: Params) -> tuple[str, ...]:
         """The artifact names a job with these params writes, metadata.json included."""
         fmt = getattr(params, "format", None)

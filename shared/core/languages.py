@@ -125,6 +125,8 @@ ALIASES: dict[str, str] = {
     "mandarin": "zh",
 }
 _CODES = {**{name: code for code, name in LANGUAGES.items()}, **ALIASES}
+# every spelling the API documents (codes, names, aliases; any letter case is accepted too)
+ACCEPTED = sorted({*LANGUAGES, *_CODES})
 
 
 def language_code(language: str) -> str:

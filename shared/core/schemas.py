@@ -30,6 +30,7 @@ from shared.core.constants import (
     frames_for_seconds,
 )
 from shared.core.jobs import Job, Upload
+from shared.core.languages import ACCEPTED as LANGUAGE_NAMES
 from shared.core.languages import language_code
 from shared.core.prompt_text import prompt_counter
 from shared.core.text import clean_text
@@ -45,11 +46,31 @@ SONG_MAX_S = CONTEXT_POSITIONS * FRAME_S  # no song is longer than the context
 class Params(BaseModel):
     """Base of every job type's params model (see shared/core/jobtypes.py)."""
 
-    # strict: "30" is not a number and 7.0 is not an integer; forbid: a misspelt field is an
-    # error, not a silently ignored option
+    # strict: "30" is not a number (but 7.0 is the integer 7, as JSON Schema says); forbid: a
+    # misspelt field is an error, not a silently ignored option
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
     # text fields that may hold newlines and tabs; every other string is one line
     multiline_fields: ClassVar[frozenset[str]] = frozenset()
+    # integer fields (`int` or `int | None`), found once per model
+    int_fields: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls.int_fields = frozenset(
+            name
+            for name, info in cls.model_fields.items()
+            if info.annotation is int or int in get_args(info.annotation)
+        )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """7.0 → 7 for an integer field: JSON has one number type, and JSON Schema (so the
+        OpenAPI document) counts 7.0 as an integer. Strings and booleans stay refused."""
+        if isinstance(value, float) and value.is_integer() and info.field_name in cls.int_fields:
+            return int(value)
+        return value
 
     @field_validator("*")
     @classmethod
@@ -255,6 +276,7 @@ class TranscribeParams(Params):
         max_length=32,
         description="A Whisper language code or name ('en', 'english'); omit to detect it.",
         examples=["en"],
+        json_schema_extra={"enum": [*LANGUAGE_NAMES, None]},
     )
 
     @field_validator("language")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import re
 import unicodedata
 
-# C0 and C1 controls and DEL, except tab and newline; and UTF-16 surrogate halves
+# C0 and C1 controls and DEL (Unicode category Cc): never in a one-line field (the OpenAPI
+# document states the same class); multi-line fields may hold tabs and newlines
+CONTROL_CLASS = r"\u0000-\u001f\u007f-\u009f"
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _MULTILINE_CONTROL = re.compile(r"[\t\n]")

@@ -71,7 +71,9 @@ def test_generate_defaults_and_normalised_tags() -> None:
         ({"type": "generate", "params": {"tags": "a", "temperature": 0}}, "params.temperature"),
         ({"type": "generate", "params": {"tags": "a", "top_k": 0}}, "params.top_k"),
         ({"type": "generate", "params": {"tags": "a", "top_k": 9000}}, "params.top_k"),
-        ({"type": "generate", "params": {"tags": "a", "top_k": 5.0}}, "params.top_k"),
+        ({"type": "generate", "params": {"tags": "a", "top_k": 5.5}}, "params.top_k"),
+        ({"type": "generate", "params": {"tags": "a", "top_k": True}}, "params.top_k"),
+        ({"type": "generate", "params": {"tags": "a", "top_k": "5"}}, "params.top_k"),
         ({"type": "generate", "params": {"tags": "a", "cfg_scale": 0.5}}, "params.cfg_scale"),
         ({"type": "generate", "params": {"tags": "a", "seed": -1}}, "params.seed"),
         ({"type": "generate", "params": {"tags": "a", "seed": 2**32}}, "params.seed"),
@@ -96,6 +98,13 @@ def test_bad_requests_name_the_field(body: dict, field: str) -> None:
     assert caught.value.field == field
     assert caught.value.message
     assert caught.value.details[0]["field"] == field
+
+
+def test_a_whole_float_is_that_integer() -> None:
+    """JSON Schema (and so the OpenAPI document) counts 5.0 as an integer."""
+    _, params = submit({"tags": "a", "top_k": 5.0, "seed": 7.0})
+    assert (params.top_k, params.seed) == (5, 7)
+    assert isinstance(params.top_k, int) and isinstance(params.seed, int)
 
 
 def test_body_must_be_an_object() -> None:

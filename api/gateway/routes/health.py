@@ -5,8 +5,10 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
 
+from api.gateway.apidoc import Reply, documented
 from api.gateway.app import services
 from api.gateway.errors import ApiError
+from api.gateway.replies import Health, Readiness
 from shared.core.queueing import QUEUES, consumed_queues
 from shared.core.storage import StorageError
 
@@ -16,12 +18,32 @@ WORKER_REPLY_TIMEOUT_S = 1.0
 
 
 @bp.get("/healthz")
+@documented({200: Reply("The process is alive", Health)})
 def healthz() -> ResponseReturnValue:
     """The process answers."""
     return jsonify({"status": "ok"})
 
 
 @bp.get("/readyz")
+@documented(
+    {
+        200: Reply(
+            "Redis and the object store answer, and each named queue has a worker", Readiness
+        ),
+        422: "`queues` names an unknown queue",
+        503: Reply("Not ready; `checks` says what failed", Readiness),
+    },
+    query={
+        "queues": {
+            "description": f"Comma-separated queues ({', '.join(QUEUES)}) that must have a live "
+            "worker; empty names are ignored",
+            "schema": {
+                "type": "string",
+                "pattern": "^(?:(?:{0})?,)*(?:{0})?$".format("|".join(QUEUES)),
+            },
+        }
+    },
+)
 def readyz() -> ResponseReturnValue:
     """Redis and the object store reachable, and for each queue whether a worker consumes it.
 

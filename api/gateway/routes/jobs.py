@@ -8,15 +8,17 @@ from collections.abc import Iterator
 from flask import Blueprint, Response, jsonify, redirect, request, send_file, stream_with_context
 from flask.typing import ResponseReturnValue
 
+from api.gateway.apidoc import Body, Reply, documented
 from api.gateway.app import services
 from api.gateway.auth import authenticate, current_tenant
 from api.gateway.errors import ApiError
 from api.gateway.limits import json_body
+from api.gateway.replies import EVENT_STREAM, artifact_content
 from shared.core.inputs import InputNotFound, SourceUpload
 from shared.core.jobs import STATES, Job
 from shared.core.jobtypes import JOB_TYPES, JobType, parse_submit
 from shared.core.queueing import enqueue, revoke
-from shared.core.schemas import InvalidRequest, Params, job_out
+from shared.core.schemas import InvalidRequest, JobList, JobOut, Params, SubmitRequest, job_out
 from shared.core.storage import ObjectNotFound, artifact_key, content_type_for
 from shared.core.tokens import InputError
 
@@ -25,6 +27,7 @@ bp.before_request(authenticate)
 
 MAX_PAGE = 200
 SSE_KEEPALIVE_S = 15.0
+NOT_FOUND = "No such job (or another tenant's)"
 
 
 def _job_or_404(job_id: str) -> Job:
@@ -56,6 +59,34 @@ def _check_inputs(tenant: str, entry: JobType, params: Params) -> tuple[Job | No
 
 
 @bp.post("")
+@documented(
+    {
+        202: Reply("Created and queued", JobOut, headers={"Location": "The job's URL"}),
+        200: Reply(
+            "Idempotent replay: the job first created with this key",
+            JobOut,
+            headers={"Location": "The job's URL", "Idempotent-Replayed": "`true`"},
+        ),
+        400: "The body is not JSON, or not a JSON object",
+        404: "A referenced job or upload does not exist (or is another tenant's); "
+        "`error.field` names it",
+        409: "The idempotency key was used before with other parameters",
+        413: "The body is over {settings.max_upload_bytes} bytes (the upload limit) and 64 KiB",
+        422: "Invalid parameters; `error.field` names the first bad one and `error.details` "
+        "lists all. Beyond the schema: `end_s` must be greater than `start_s`; a referenced job "
+        "must have succeeded with the artifacts the job needs, an upload must be of the right "
+        "kind, and an extension must fit the model's context; the Idempotency-Key header and "
+        "`idempotency_key` must agree",
+        503: "The job queue is unreachable; nothing was queued",
+    },
+    headers={
+        "Idempotency-Key": {
+            "description": "Like `idempotency_key` in the body (surrounding spaces ignored)",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"\S"},
+        }
+    },
+    body=Body(SubmitRequest),
+)
 def submit() -> ResponseReturnValue:
     """Validate, record (state queued) and enqueue a job; 202 with the job.
 
@@ -130,6 +161,21 @@ def _idempotency_key(from_body: str | None) -> str | None:
 
 
 @bp.get("")
+@documented(
+    {
+        200: Reply("The page of jobs, newest first", JobList),
+        422: "A bad `state`, `type`, `limit` or `cursor` (one this listing did not hand out)",
+    },
+    query={
+        "state": {"schema": {"enum": list(STATES)}},
+        "type": {"schema": {"enum": list(JOB_TYPES)}},
+        "limit": {"schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 50}},
+        "cursor": {
+            "description": "`next_cursor` of the previous page",
+            "schema": {"type": "string", "minLength": 1},
+        },
+    },
+)
 def list_jobs() -> ResponseReturnValue:
     """The tenant's jobs, newest first; filters `state`, `type`; pages by `limit`, `cursor`."""
     args = request.args
@@ -154,11 +200,14 @@ def list_jobs() -> ResponseReturnValue:
 
 
 @bp.get("/<job_id>")
+@documented({200: Reply("The job", JobOut), 404: NOT_FOUND})
 def get_job(job_id: str) -> ResponseReturnValue:
+    """The job: its state, progress, error and artifacts."""
     return jsonify(job_out(_job_or_404(job_id)))
 
 
 @bp.post("/<job_id>/cancel")
+@documented({200: Reply("The job after the request", JobOut), 404: NOT_FOUND})
 def cancel_job(job_id: str) -> ResponseReturnValue:
     """Queued → cancelled at once (and its message revoked); running → its worker is told to
     stop and the job ends `cancelled` shortly; finished jobs are returned unchanged."""
@@ -171,6 +220,9 @@ def cancel_job(job_id: str) -> ResponseReturnValue:
 
 
 @bp.get("/<job_id>/events")
+@documented(
+    {200: Reply("The event stream", content={"text/event-stream": EVENT_STREAM}), 404: NOT_FOUND}
+)
 def job_events(job_id: str) -> ResponseReturnValue:
     """Server-Sent Events: `state` and `progress` events (data = {"event", "job"}), starting
     with the current state and ending after a terminal one; comments keep idle streams open."""
@@ -193,6 +245,15 @@ def job_events(job_id: str) -> ResponseReturnValue:
 
 
 @bp.get("/<job_id>/artifacts/<name>")
+@documented(
+    {
+        200: Reply("The artifact's bytes (local store)", content=artifact_content()),
+        302: Reply(
+            "To a presigned URL of the artifact (S3 store)", headers={"Location": "The URL"}
+        ),
+        404: "No such job (or another tenant's), or the job has no such artifact",
+    }
+)
 def get_artifact(job_id: str, name: str) -> ResponseReturnValue:
     """302 to a presigned URL (S3), or the bytes streamed (local store)."""
     job = _job_or_404(job_id)

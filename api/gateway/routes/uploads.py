@@ -9,13 +9,14 @@ from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
 from werkzeug.utils import secure_filename
 
+from api.gateway.apidoc import Body, Reply, documented
 from api.gateway.app import services
 from api.gateway.auth import authenticate, current_tenant
 from api.gateway.errors import ApiError
 from shared.core.audio import AudioLimits, probe_audio
 from shared.core.constants import FRAMES_PER_SECOND, frames_for_seconds
 from shared.core.jobs import Upload, new_id
-from shared.core.schemas import upload_out
+from shared.core.schemas import UploadOut, upload_out
 from shared.core.storage import content_type_for, upload_key
 from shared.core.tokens import read_tokens
 
@@ -48,6 +49,31 @@ def _filename(raw: str | None, limit: int) -> str:
 
 
 @bp.post("")
+@documented(
+    {
+        201: Reply("Stored; `kind` says which of the two it is", UploadOut),
+        413: "The file is over {settings.max_upload_bytes} bytes",
+        422: "No `file` part, an empty file, audio libsndfile cannot decode or over "
+        "{settings.max_upload_seconds:g} s, or a .npy that is not an [8, T] integer token array",
+    },
+    body=Body(
+        media_type="multipart/form-data",
+        schema={
+            "type": "object",
+            "required": ["file"],
+            "properties": {
+                "file": {
+                    "type": "string",
+                    "contentMediaType": "application/octet-stream",
+                    "description": "A part with a filename: a name ending in .npy is a token "
+                    "array ([8, T] codec codes, at most {settings.max_upload_seconds:g} s); any "
+                    "other is audio (WAV, FLAC, OGG, MP3: whatever libsndfile decodes).",
+                }
+            },
+        },
+        encoding={"file": {"contentType": "audio/*, application/octet-stream"}},
+    ),
+)
 def create_upload() -> ResponseReturnValue:
     """Store a multipart `file` after checking it: audio (any format libsndfile reads, within
     the channel, rate, length and decoded-size limits, decoded block by block) or a .npy token
