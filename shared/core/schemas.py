@@ -158,6 +158,7 @@ class GenerateParams(_PromptParams):
     duration_s: float = Field(
         30.0,
         gt=0,
+        json_schema_extra={"minimum": FRAME_S},
         description="Seconds of audio, at least one 80 ms frame (0.08 s) and at most "
         "HEARTCLUSTER_MAX_DURATION_S; the song has the whole frames in it (rounded down to the "
         f"80 ms grid). Prompt + frames must fit the {CONTEXT_POSITIONS}-position context.",
@@ -177,7 +178,7 @@ class GenerateParams(_PromptParams):
         if value > limit:
             raise ValueError(f"duration {value:g} s is over the limit of {limit:g} s")
         frames = frames_for_seconds(value)
-        if frames < 1:
+        if value < FRAME_S:
             raise ValueError(
                 f"duration {value:g} s is under one {FRAME_MS} ms frame; at least {FRAME_S:g} s"
             )
