@@ -23,6 +23,8 @@ from tests.support.net import free_port
 # Set before torch is imported so worker subprocesses started by tests inherit it too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+# No test may reach a model hub (huggingface_hub and transformers read this at import).
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def pytest_configure(config: pytest.Config) -> None:

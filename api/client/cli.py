@@ -32,6 +32,18 @@ def _cmd_models_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_models_download(args: argparse.Namespace) -> int:
+    from api.client.models_download import DownloadError, download_models
+
+    try:
+        download_models(Path(args.dir))
+    except DownloadError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"done: point HEARTCLUSTER_MODEL_DIR at {Path(args.dir).resolve()}")
+    return 0
+
+
 def _load_decoder(args: argparse.Namespace) -> HeartCodecDecoder:
     """The codec from --model-dir on --device (fp32 unless --codec-dtype says otherwise)."""
     from shared.ml.codec.decoder import load_codec
@@ -258,6 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(handler=_cmd_models_tiny)
+    download = model_commands.add_parser(
+        "download",
+        help="fetch the official checkpoints (Hugging Face; resumable) and check their layout",
+    )
+    download.add_argument(
+        "dir",
+        nargs="?",
+        default=os.environ.get("HEARTCLUSTER_MODEL_DIR", "models"),
+        help="model directory (default: $HEARTCLUSTER_MODEL_DIR or ./models)",
+    )
+    download.set_defaults(handler=_cmd_models_download)
 
     gen = commands.add_parser("generate", help="generate in this process (no cluster)")
     _model_options(gen, "HeartMuLa-oss-VERSION/, tokenizer.json, gen_config.json")
