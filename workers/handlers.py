@@ -22,6 +22,7 @@ from shared.core.inputs import InputResolver, Resolved, SourceJob
 from shared.core.jobs import Job
 from shared.core.jobtypes import JOB_TYPES
 from shared.core.lyrics import to_lrc, to_srt
+from shared.core.preview import render_preview
 from shared.core.schemas import (
     AUDIO_ARTIFACTS,
     DecodeParams,
@@ -32,7 +33,6 @@ from shared.core.schemas import (
     Params,
     TranscribeParams,
 )
-from shared.core.preview import render_preview
 from shared.core.storage import PREVIEW, TOKENS
 from shared.core.tokens import InputError, read_tokens, tokens_bytes
 from shared.ml.generation.engine import GenerationRequest
