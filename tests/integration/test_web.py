@@ -170,6 +170,28 @@ def test_make_hear_download_and_inpaint_a_song(
     assert repaired["params"]["source_job_id"] == song_id
     assert (repaired["params"]["start_s"], repaired["params"]["end_s"]) == (start_s, end_s)
 
+    # transcribe the repaired song: its transcript is shown, the segment at the playhead lit
+    browser.find_element(By.CSS_SELECTOR, "#transcribe-form button[type=submit]").click()
+    _wait(browser, "return document.querySelectorAll('#karaoke li').length > 0;")
+    transcribed = cluster.http("alice").get(
+        f"{cluster.url}/v1/jobs", params={"type": "transcribe"}, timeout=10
+    )
+    (transcription,) = transcribed.json()["jobs"]
+    transcript = json.loads(
+        cluster.artifact("alice", transcription["id"], "transcript.json").content
+    )
+    shown_segments = browser.find_elements(By.CSS_SELECTOR, "#karaoke li[data-start]")
+    assert len(shown_segments) == len(transcript["segments"])
+    if transcript["segments"]:  # the tiny random-weight transcriber mostly hears nothing
+        first = transcript["segments"][0]
+        browser.execute_script(
+            "const p = document.getElementById('player'); p.pause(); p.currentTime = arguments[0];",
+            (first["start"] + first["end"]) / 2,
+        )
+        _wait(browser, "return document.querySelector('#karaoke li.current')?.textContent;")
+        lit = browser.find_element(By.CSS_SELECTOR, "#karaoke li.current")
+        assert float(lit.get_attribute("data-start") or "nan") == first["start"]
+
     # another tenant's job id: the API's 404, in the API's words
     other = cluster.submit("bob", "generate", {**SHORT, "duration_s": FRAME_S})
     refusal = cluster.http("alice").get(f"{cluster.url}/v1/jobs/{other['id']}", timeout=10)
@@ -182,3 +204,44 @@ def test_make_hear_download_and_inpaint_a_song(
     )
     assert shown == refusal.json()["error"]["message"]
     assert browser.find_element(By.ID, "job").get_attribute("data-job-id") == repaired_id
+
+
+KARAOKE_CHECK = """
+const done = arguments[arguments.length - 1];
+import("/web/karaoke.js").then(({ Karaoke }) => {
+  const list = document.createElement("ol");
+  const audio = Object.assign(new EventTarget(), { currentTime: 0 });
+  new Karaoke(list, audio).show(arguments[0]);
+  const lit = [];
+  for (const time of [0.5, 1.2, 2.5, 9.0]) {
+    audio.currentTime = time;
+    audio.dispatchEvent(new Event("timeupdate"));
+    lit.push([...list.querySelectorAll(".current")].map((node) => node.textContent));
+  }
+  done(lit);
+}, (error) => done(String(error)));
+"""
+
+
+def test_karaoke_lights_the_segment_and_word_being_sung(
+    local_cluster: Cluster, browser: WebDriver
+) -> None:
+    """The page's karaoke module in the browser, on a transcript.json with words (the tiny
+    transcriber of the cluster test hears none)."""
+    transcript = {
+        "segments": [
+            {"start": 0.0, "end": 1.0, "text": "hello world"},
+            {
+                "start": 1.0,
+                "end": 3.0,
+                "text": "la la",
+                "words": [
+                    {"start": 1.0, "end": 2.0, "word": "la"},
+                    {"start": 2.0, "end": 3.0, "word": " la!"},
+                ],
+            },
+        ]
+    }
+    browser.get(f"{local_cluster.url}/")
+    lit = browser.execute_async_script(KARAOKE_CHECK, transcript)
+    assert lit == [["hello world"], ["la la!", "la"], ["la la!", " la!"], []]
