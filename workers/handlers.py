@@ -22,6 +22,7 @@ from shared.core.inputs import InputResolver, Resolved, SourceJob
 from shared.core.jobs import Job
 from shared.core.jobtypes import JOB_TYPES
 from shared.core.lyrics import to_lrc, to_srt
+from shared.core.preview import render_preview
 from shared.core.schemas import (
     AUDIO_ARTIFACTS,
     DecodeParams,
@@ -32,7 +33,7 @@ from shared.core.schemas import (
     Params,
     TranscribeParams,
 )
-from shared.core.storage import TOKENS
+from shared.core.storage import PREVIEW, TOKENS
 from shared.core.tokens import InputError, read_tokens, tokens_bytes
 from shared.ml.generation.engine import GenerationRequest
 from shared.ml.pipelines import (
@@ -142,6 +143,7 @@ def _song_output(ctx: JobContext, song: Song, **extra: object) -> Output:
         files={
             TOKENS: tokens_bytes(song.tokens),
             f"audio.{params.format}": encode_audio(song.audio, params.format),
+            PREVIEW: render_preview(song.audio, SAMPLE_RATE),
         },
         metadata={
             "params": {**params.model_dump(), "seed": ctx.seed},
@@ -251,7 +253,10 @@ def decode(ctx: JobContext) -> Output:
         should_abort=ctx.should_abort,
     )
     return Output(
-        files={f"audio.{params.format}": encode_audio(audio, params.format)},
+        files={
+            f"audio.{params.format}": encode_audio(audio, params.format),
+            PREVIEW: render_preview(audio, SAMPLE_RATE),
+        },
         metadata={
             "params": {**params.model_dump(), "seed": ctx.seed},
             "seed": ctx.seed,

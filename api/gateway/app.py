@@ -58,6 +58,7 @@ def create_app(
     from api.gateway.routes.health import bp as health_bp
     from api.gateway.routes.jobs import bp as jobs_bp
     from api.gateway.routes.uploads import bp as uploads_bp
+    from api.gateway.routes.web import bp as web_bp
 
     settings = settings or Settings.from_env()
     redis_client = redis_client or redis.Redis.from_url(
@@ -77,6 +78,6 @@ def create_app(
     )
     register_error_handlers(app)
     app.before_request(limit_body)
-    for blueprint in (health_bp, openapi_bp, jobs_bp, uploads_bp):
+    for blueprint in (health_bp, openapi_bp, jobs_bp, uploads_bp, web_bp):
         app.register_blueprint(blueprint)
     return app

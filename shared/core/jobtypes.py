@@ -35,7 +35,7 @@ from shared.core.schemas import (
     TranscribeParams,
     invalid_request,
 )
-from shared.core.storage import METADATA, TOKENS
+from shared.core.storage import METADATA, PREVIEW, TOKENS
 from shared.core.tokens import InputError
 
 Queue = Literal["gpu", "cpu", "train"]
@@ -111,7 +111,7 @@ def _check_inpaint(params: Params, resolved: Resolved, settings: Settings) -> No
 
 # ----- the registry -------------------------------------------------------------------------
 
-_SONG = (TOKENS, AUDIO)
+_SONG = (TOKENS, AUDIO, PREVIEW)
 _SOURCE_TOKENS = SourceJob("source_job_id", needs=((TOKENS,),))
 _SOURCE_AUDIO = SourceJob("source_job_id", needs=(AUDIO_ARTIFACTS,))
 
@@ -144,7 +144,7 @@ JOB_TYPES: dict[str, JobType] = {
             DecodeParams,
             "gpu",
             inputs=(_SOURCE_TOKENS, SourceUpload("tokens_upload_id", "tokens")),
-            artifacts=(AUDIO,),
+            artifacts=(AUDIO, PREVIEW),
         ),
         JobType(
             "encode",

@@ -34,6 +34,7 @@ CONTENT_TYPES = {
     ".npy": "application/octet-stream",
     ".lrc": "text/plain; charset=utf-8",
     ".srt": "application/x-subrip; charset=utf-8",
+    ".png": "image/png",
 }
 
 
@@ -43,6 +44,7 @@ def content_type_for(name: str) -> str:
 
 
 TOKENS = "tokens.npy"  # a song's codes, [8, T]
+PREVIEW = "preview.png"  # a song's waveform over its spectrogram (shared/core/preview.py)
 METADATA = "metadata.json"  # written last by every job: its presence marks the job complete
 
 

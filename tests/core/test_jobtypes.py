@@ -31,7 +31,12 @@ def test_artifact_names_follow_the_format_and_end_with_metadata() -> None:
     _, entry, params = parse_submit(
         {"type": "generate", "params": {"tags": "piano", "format": "wav"}}, Settings()
     )
-    assert entry.artifact_names(params) == ("tokens.npy", "audio.wav", "metadata.json")
+    assert entry.artifact_names(params) == (
+        "tokens.npy",
+        "audio.wav",
+        "preview.png",
+        "metadata.json",
+    )
     assert job_type("transcribe").artifact_names(params)[-1] == "metadata.json"
 
 

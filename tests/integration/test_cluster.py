@@ -36,7 +36,12 @@ def test_generate_streams_progress_and_serves_audio_and_tokens(cluster: Cluster)
     assert "generating" in stages and "decoding" in stages and "uploading" in stages
     percents = [j["progress"] for j in running]
     assert percents == sorted(percents) and 0 < percents[-1] < 100
-    assert sorted(final["artifacts"]) == ["audio.flac", "metadata.json", "tokens.npy"]
+    assert sorted(final["artifacts"]) == [
+        "audio.flac",
+        "metadata.json",
+        "preview.png",
+        "tokens.npy",
+    ]
 
     tokens = np.load(io.BytesIO(cluster.artifact("alice", job["id"], "tokens.npy").content))
     frames = round(SHORT["duration_s"] / FRAME_S)
@@ -57,7 +62,7 @@ def test_generate_streams_progress_and_serves_audio_and_tokens(cluster: Cluster)
 
 
 def _artifacts_left(cluster: Cluster, tenant: str, job_id: str) -> list[str]:
-    names = ("tokens.npy", "audio.flac", "metadata.json")
+    names = ("tokens.npy", "audio.flac", "preview.png", "metadata.json")
     return [n for n in names if cluster.store.exists(artifact_key(tenant, job_id, n))]
 
 

@@ -69,7 +69,7 @@ def _new(runner: JobRunner, type: str, params: dict, **fields) -> Job:
 
 
 def _stored(runner: JobRunner, job: Job) -> list[str]:
-    names = ("tokens.npy", "audio.flac", "metadata.json")
+    names = ("tokens.npy", "audio.flac", "preview.png", "metadata.json")
     return [n for n in names if runner.objects.exists(artifact_key(job.tenant, job.id, n))]
 
 
@@ -107,7 +107,7 @@ def test_redelivered_job_reruns_with_a_stable_seed(runner: JobRunner) -> None:
     runner.run(job.id)
     final = runner.jobs.get(job.id)
     assert final.state == "succeeded" and final.attempts == 2
-    assert sorted(final.artifacts) == ["audio.flac", "metadata.json", "tokens.npy"]
+    assert sorted(final.artifacts) == ["audio.flac", "metadata.json", "preview.png", "tokens.npy"]
     key = artifact_key(job.tenant, job.id, "metadata.json")
     metadata = json.loads(runner.objects.get_bytes(key))
     assert metadata["seed"] == job_seed(job, None) == 7
