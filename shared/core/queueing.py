@@ -24,11 +24,12 @@ QUEUE_FOR_TYPE = {
     "finetune": "train",
 }
 # Redis redelivers an unacknowledged message after the visibility timeout; it must outlast the
-# longest job, or a healthy long job would run twice.
+# longest job, or a healthy long job would run twice. It is only the last resort: leases in the
+# job store send a lost worker's job back within seconds, and the runner drops a redelivered
+# message of a job another worker holds.
 VISIBILITY_MARGIN_S = 600
-# On stop, running tasks get this long to finish before a cold shutdown puts them back on the
-# queue (workers started with REMAP_SIGTERM=SIGQUIT turn SIGTERM into that soft → cold path).
-SOFT_SHUTDOWN_S = 10.0
+# Sending a task while Redis is away: a few quick retries, then the caller answers 503.
+PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1}
 
 
 def visibility_timeout_s(settings: Settings) -> int:
@@ -41,7 +42,12 @@ def make_celery(settings: Settings, main: str = "heartcluster") -> Celery:
     Workers additionally pass `--statedb` so revoked ids survive a restart.
     """
     app = Celery(main, broker=settings.redis_url, backend=settings.redis_url)
-    transport = {"visibility_timeout": visibility_timeout_s(settings)}
+    transport = {
+        "visibility_timeout": visibility_timeout_s(settings),
+        # no call may hang while Redis is away
+        "socket_timeout": settings.redis_timeout_s,
+        "socket_connect_timeout": settings.redis_timeout_s,
+    }
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -54,8 +60,14 @@ def make_celery(settings: Settings, main: str = "heartcluster") -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
-        worker_soft_shutdown_timeout=SOFT_SHUTDOWN_S,
+        # a Redis restart must not stop running jobs: their leases (renewed once Redis is back)
+        # say who runs them, and a duplicate delivery is dropped by the runner
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        # stop = warm shutdown; the runner hands running jobs back (the thread pool cannot
+        # kill a task, so a soft/cold shutdown would crash)
+        worker_soft_shutdown_timeout=0.0,
+        task_publish_retry_policy=PUBLISH_RETRY,
+        broker_connection_timeout=settings.redis_timeout_s,
         task_track_started=True,
         task_time_limit=settings.job_time_limit_s,
         broker_transport_options=transport,
