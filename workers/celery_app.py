@@ -58,6 +58,11 @@ def runner() -> JobRunner:
 
 @signals.worker_init.connect
 def _load_models(sender: Any, **_: Any) -> None:
+    # Celery leaves the root logger alone (worker_hijack_root_logger=False): ours go to stderr,
+    # with the lifecycle lines (leases, hand-backs, outages) at INFO.
+    logging.basicConfig(
+        level=logging.INFO, format="[%(asctime)s %(levelname)s %(name)s] %(message)s"
+    )
     pool = getattr(sender.pool_cls, "__module__", str(sender.pool_cls))
     if "prefork" in pool:
         # SystemExit: Celery logs and swallows ordinary exceptions raised by signal handlers.

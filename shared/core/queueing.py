@@ -23,17 +23,17 @@ QUEUE_FOR_TYPE = {
     "transcribe": "cpu",
     "finetune": "train",
 }
-# Redis redelivers an unacknowledged message after the visibility timeout; it must outlast the
-# longest job, or a healthy long job would run twice. It is only the last resort: leases in the
-# job store send a lost worker's job back within seconds, and the runner drops a redelivered
-# message of a job another worker holds.
-VISIBILITY_MARGIN_S = 600
+# Redis redelivers a message that was delivered but not acknowledged after the visibility
+# timeout. Leases make a redelivery harmless (the runner drops a message of a job that another
+# worker holds or that has ended), so the timeout can be short: it only brings back messages
+# that a worker took and died with before starting them. Every live worker sweeps for them.
+REDELIVERY_LEASES = 2  # visibility timeout, in lease periods
 # Sending a task while Redis is away: a few quick retries, then the caller answers 503.
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1}
 
 
 def visibility_timeout_s(settings: Settings) -> int:
-    return settings.job_time_limit_s + VISIBILITY_MARGIN_S
+    return max(1, round(REDELIVERY_LEASES * settings.lease_s))
 
 
 def make_celery(settings: Settings, main: str = "heartcluster") -> Celery:
@@ -44,6 +44,8 @@ def make_celery(settings: Settings, main: str = "heartcluster") -> Celery:
     app = Celery(main, broker=settings.redis_url, backend=settings.redis_url)
     transport = {
         "visibility_timeout": visibility_timeout_s(settings),
+        "unacked_restore_interval": max(1, round(settings.heartbeat_s)),
+        "unacked_restore_throttle": 1,
         # no call may hang while Redis is away
         "socket_timeout": settings.redis_timeout_s,
         "socket_connect_timeout": settings.redis_timeout_s,

@@ -44,8 +44,11 @@ def test_reliability_settings(settings: Settings) -> None:
     assert transport["socket_timeout"] == transport["socket_connect_timeout"] > 0
     assert conf.task_publish_retry_policy["max_retries"] <= 3
     assert conf.task_track_started
-    assert visibility_timeout_s(settings) > settings.job_time_limit_s
+    # leases make redelivery harmless, so a message a dead worker took comes back within
+    # seconds (swept every heartbeat), not after the longest job
+    assert visibility_timeout_s(settings) == 2 * settings.lease_s < settings.job_time_limit_s
     assert conf.broker_transport_options["visibility_timeout"] == visibility_timeout_s(settings)
+    assert conf.broker_transport_options["unacked_restore_interval"] == settings.heartbeat_s
     assert conf.result_backend_transport_options["visibility_timeout"] == visibility_timeout_s(
         settings
     )
