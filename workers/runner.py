@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -102,6 +102,23 @@ def _request(
 def job_seed(job: Job, requested: int | None) -> int:
     """The requested seed, else one derived from the job id (stable across retries)."""
     return requested if requested is not None else int(job.id[:8], 16)
+
+
+class _QuietProgress:
+    """The job store as the progress reporter sees it: a progress write while Redis is away is
+    dropped (the next one carries the news) and logged once, not as a traceback per write."""
+
+    def __init__(self, jobs: JobStore, outage: Outage) -> None:
+        self._jobs = jobs
+        self._outage = outage
+
+    def progress(self, job_id: str, *args: Any, **kwargs: Any) -> None:
+        try:
+            self._jobs.progress(job_id, *args, **kwargs)
+        except REDIS_ERRORS as error:
+            self._outage.failed(error)
+            return
+        self._outage.ok()
 
 
 class JobRunner:
@@ -240,7 +257,7 @@ class JobRunner:
             return reason is not None
 
         try:
-            with ProgressReporter(self.jobs, job.id) as progress:
+            with ProgressReporter(_QuietProgress(self.jobs, self.outage), job.id) as progress:
                 output = pipeline(job, progress, should_abort)
                 progress.update("uploading", PIPELINE_SHARE)
                 # Fencing of the artifacts: write only right after renewing the lease (a write

@@ -9,6 +9,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
+from shared.core.broker import TRANSPORT
 from shared.core.config import Settings
 from shared.core.jobs import Job
 
@@ -42,6 +43,7 @@ def make_celery(settings: Settings, main: str = "heartcluster") -> Celery:
     Workers additionally pass `--statedb` so revoked ids survive a restart.
     """
     app = Celery(main, broker=settings.redis_url, backend=settings.redis_url)
+    app.conf.broker_transport = TRANSPORT  # Redis, without the restore that crashes on outages
     transport = {
         "visibility_timeout": visibility_timeout_s(settings),
         "unacked_restore_interval": max(1, round(settings.heartbeat_s)),
