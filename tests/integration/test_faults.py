@@ -9,6 +9,8 @@ lease or a hand-back) and recovery seconds. Lost and duplicated must be 0 in eve
 
 from __future__ import annotations
 
+import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -165,7 +167,6 @@ def test_redis_restart_with_two_workers_with_free_slots(cluster: FaultCluster) -
 
 def test_cancel_of_a_job_whose_worker_died(cluster: FaultCluster) -> None:
     ids = _songs(cluster, 1)
-    _wait_running_on(cluster, ids, "gpu-a") if _running_on(cluster, ids, "gpu-a") else None
     holder = _holder(cluster, ids[0])
     cluster.kill_worker(holder)
     killed = time.monotonic()
@@ -192,20 +193,26 @@ def test_a_poison_job_is_capped_within_a_few_lease_periods(cluster: FaultCluster
     """Its worker dies every time it runs it: whoever holds it is killed, then restarted."""
     [job_id] = _songs(cluster, 1)
     first = time.monotonic()
-    killed = 0
+    leases: set[str] = set()
+    restarts: list[threading.Thread] = []
     while cluster.jobs([job_id])[job_id].state != "failed" and time.monotonic() - first < 120:
         job = cluster.jobs([job_id])[job_id]
-        if job.state == "running":
-            holder = next(n for n in cluster.workers if _running_on(cluster, [job_id], n))
+        if job.state == "running" and job.lease_id not in leases:  # a new run: kill it
+            leases.add(job.lease_id)
+            [holder] = [n for n in cluster.workers if _running_on(cluster, [job_id], n)]
             cluster.kill_worker(holder)
-            killed += 1
-            threading.Thread(target=cluster.start_worker, args=(holder, False)).start()
+            restarts.append(threading.Thread(target=cluster.start_worker, args=(holder, False)))
+            restarts[-1].start()
         time.sleep(0.05)
+    for restart in restarts:
+        restart.join()
+    killed = len(leases)
     capped_s = time.monotonic() - first
     final = cluster.jobs([job_id])[job_id]
     assert final.state == "failed" and final.error["code"] == "too_many_attempts", final
     assert killed == final.attempts == cluster.settings.max_attempts
     print(f"poison job: killed {killed} workers, capped in {capped_s:.1f} s", flush=True)
+    assert capped_s < 60  # main took 3 visibility timeouts (over 3 hours by default)
     cluster.wait_workers(list(cluster.workers))
     figures = cluster.figures("poison job", [job_id], capped_s)
     assert figures.lost == 0 and figures.duplicated == 0
@@ -224,6 +231,39 @@ def test_a_revoked_job_never_runs_after_a_worker_restart(cluster: FaultCluster) 
     cluster.wait_terminal(after, JOB_TIMEOUT_S)
     final = cluster.jobs([revoked])[revoked]
     assert final.state == "cancelled" and final.attempts == 0 and final.started_at is None
-    assert cluster.log_counts(__import__("re").compile(rf"job ({revoked}): pipeline")) == {}
+    assert cluster.log_counts(re.compile(rf"job ({revoked}): pipeline")) == {}
     figures = cluster.figures("revoked job after worker restart", after, time.monotonic() - started)
+    _check(figures)
+
+
+# The issue's 300 take about 5 minutes on CI's two cores (a decode is ~1 s of CPU there), more
+# than this suite's budget: 60 by default, FAULTS_DRAIN_JOBS=300 for the full row.
+DRAIN_JOBS = int(os.environ.get("FAULTS_DRAIN_JOBS", "60"))
+
+
+def test_short_jobs_from_two_tenants_drain_while_a_worker_restarts(cluster: FaultCluster) -> None:
+    """Decodes of a one-second song (steps=1): the cheapest job the GPU queue runs on CPU."""
+    sources = {
+        tenant: cluster.submit(tenant, "generate", {**SONG, "duration_s": 1.0, "seed": 7})
+        for tenant in ("alice", "bob")
+    }
+    cluster.wait_until(list(sources.values()), lambda job: job.state == "succeeded", 60)
+    started = time.monotonic()
+    ids = [
+        cluster.submit(tenant, "decode", {"source_job_id": sources[tenant], "steps": 1})
+        for i in range(DRAIN_JOBS)
+        for tenant in [("alice", "bob")[i % 2]]
+    ]
+    cluster.wait_until(ids[: DRAIN_JOBS // 4], lambda job: job.terminal, 30 + DRAIN_JOBS)
+    restarted = time.monotonic()
+    cluster.stop_worker("gpu-a")
+    cluster.start_worker("gpu-a")
+    back_s = time.monotonic() - restarted
+    cluster.wait_terminal(ids, 60 + 2 * DRAIN_JOBS)
+    drain_s = time.monotonic() - started
+    figures = cluster.figures(
+        f"{DRAIN_JOBS} short jobs, 2 tenants, worker restarted (drained in {drain_s:.0f} s)",
+        ids,
+        back_s,
+    )
     _check(figures)
