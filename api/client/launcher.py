@@ -120,14 +120,26 @@ def private_redis(data_dir: Path) -> tuple[str, subprocess.Popen[bytes] | None]:
     """The data directory's own redis-server: the one already serving it (another `up` or
     `demo` on the same directory: same cluster), else a new one on a free port. A cluster per
     data directory, so two local clusters never take each other's jobs."""
-    port_file = data_dir / "redis" / REDIS_PORT_FILE
+    workdir = data_dir.resolve() / "redis"
+    port_file = workdir / REDIS_PORT_FILE
     if port_file.is_file():
         url = f"redis://127.0.0.1:{port_file.read_text().strip()}/0"
-        if redis_answers(url, 0.5):
+        if redis_answers(url, 0.5) and _redis_dir(url) == str(workdir):
             return url, None
     url, process = start_redis(f"redis://127.0.0.1:{free_port()}/0", data_dir)
     port_file.write_text(f"{urlparse(url).port}\n")
     return url, process
+
+
+def _redis_dir(url: str) -> str | None:
+    """The data directory of the Redis at `url` (a stale port file may name another's)."""
+    client = redis.Redis.from_url(url, socket_timeout=1.0, decode_responses=True)
+    try:
+        return client.config_get("dir").get("dir")
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
 
 
 def start_redis(url: str, data_dir: Path) -> tuple[str, subprocess.Popen[bytes]]:

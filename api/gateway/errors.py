@@ -69,14 +69,19 @@ def register_error_handlers(app: Flask) -> None:
     def _unexpected(error: Exception) -> Response:
         if isinstance(error, REDIS_ERRORS):
             return _redis_away(app, error)
-        _redis_outage(app).ok()
         log.exception("unhandled error")
         return error_response(500, "internal_error", "internal server error")
 
     @app.after_request
     def _redis_answered(response: Response) -> Response:
-        if response.status_code < 500:
-            _redis_outage(app).ok()
+        """While Redis is away, each answered request checks whether it is back (one PING)."""
+        outage = _redis_outage(app)
+        if outage.away:
+            try:
+                app.extensions["heartcluster"].redis.ping()
+            except REDIS_ERRORS:
+                return response
+            outage.ok()
         return response
 
 

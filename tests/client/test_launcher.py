@@ -105,6 +105,12 @@ def test_each_data_dir_has_its_own_persistent_redis(tmp_path: Path) -> None:
         assert first is not None and second is not None and first_url != second_url
         # another `up`/`demo` on the same data dir is the same cluster: it shares that Redis
         assert private_redis(tmp_path / "a") == (first_url, None)
+        # a stale port file naming another data dir's Redis is not trusted
+        (tmp_path / "c" / "redis").mkdir(parents=True)
+        (tmp_path / "c" / "redis" / "port").write_text(second_url.split(":")[-1].split("/")[0])
+        third_url, third = private_redis(tmp_path / "c")
+        assert third is not None and third_url not in (first_url, second_url)
+        stop_processes([third])
         client = redis.Redis.from_url(first_url, decode_responses=True)
         assert client.config_get("appendonly") == {"appendonly": "yes"}
         client.set("only-in-a", 1)
