@@ -78,6 +78,7 @@ def _load_models(sender: Any, **_: Any) -> None:
         # A worker without its models must not take jobs: stop it, saying why.
         log.exception("loading models failed")
         raise SystemExit(f"heartcluster worker: loading models failed: {error}") from error
+    runner().leases.start()  # renews this worker's leases and reaps lost workers' jobs, idle or not
 
 
 @signals.worker_shutting_down.connect

@@ -40,14 +40,19 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def start(self) -> None:
+        """Start the heartbeat (at worker start: an idle worker reaps too). Idempotent."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="leases", daemon=True)
+                self._thread.start()
+
     def hold(self, lease: Lease) -> threading.Event:
         """Keep `lease` renewed until `release`; the event is set if the lease is lost."""
         lost = threading.Event()
         with self._lock:
             self._held[lease.job_id] = (lease, lost)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="leases", daemon=True)
-                self._thread.start()
+        self.start()
         return lost
 
     def release(self, lease: Lease) -> None:

@@ -5,6 +5,7 @@ back, and a Redis error while finishing never costs a succeeded job its artifact
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +17,7 @@ from shared.core.config import Settings
 from shared.core.jobs import Job, JobStore, UploadStore, job_key
 from shared.core.storage import LocalStore, artifact_key
 from shared.ml.pipelines import PipelineAborted
+from workers.lease import LeaseKeeper
 from workers.runner import JobRunner, Output
 
 Pipeline = Callable[[Job, object, Callable[[], bool]], Output]
@@ -132,3 +134,19 @@ def test_a_lost_worker_job_is_reaped_and_sent_again(runner: JobRunner) -> None:
     runner.run(job.id)
     final = runner.jobs.get(job.id)
     assert final.state == "succeeded" and final.attempts == 2 and final.worker == "w1"
+
+
+def test_an_idle_worker_reaps_a_lost_workers_job(redis_client: redis.Redis) -> None:
+    settings = Settings.from_env({"HEARTCLUSTER_LEASE_S": "0.5", "HEARTCLUSTER_HEARTBEAT_S": "0.1"})
+    jobs = JobStore(redis_client)
+    job = jobs.create(Job.new("acme", "generate", {"tags": "piano"}))
+    jobs.acquire(job.id, "dead-worker", settings.lease_s, settings.max_attempts)
+    reaped: list[tuple[str, str]] = []
+    keeper = LeaseKeeper(jobs, settings, "idle", lambda outcome, j: reaped.append((outcome, j.id)))
+    keeper.start()  # holds no lease of its own
+    deadline = time.monotonic() + 10
+    while not reaped and time.monotonic() < deadline:
+        time.sleep(0.05)
+    keeper.close()
+    assert reaped == [("requeued", job.id)]
+    assert jobs.get(job.id).state == "queued"
