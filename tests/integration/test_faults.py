@@ -237,8 +237,8 @@ def test_a_revoked_job_never_runs_after_a_worker_restart(cluster: FaultCluster) 
 
 
 # The 300 take about 5 minutes on CI's two cores (a decode is ~1 s of CPU there), more
-# than this suite's budget: 60 by default, FAULTS_DRAIN_JOBS=300 for the full row.
-DRAIN_JOBS = int(os.environ.get("FAULTS_DRAIN_JOBS", "60"))
+# than this suite's budget: 40 by default, FAULTS_DRAIN_JOBS=300 for the full row.
+DRAIN_JOBS = int(os.environ.get("FAULTS_DRAIN_JOBS", "40"))
 
 
 def test_short_jobs_from_two_tenants_drain_while_a_worker_restarts(cluster: FaultCluster) -> None:
