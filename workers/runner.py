@@ -369,7 +369,10 @@ class JobRunner:
     def _on_reaped(self, outcome: str, job: Job) -> None:
         """A lost worker's job: requeued (send its message again) or ended (clean up)."""
         if outcome == "requeued":
-            self._send(job)
+            try:  # no long retry here: this runs on the heartbeat thread, which must keep beating
+                self.enqueue(job)
+            except Exception:  # noqa: BLE001 (the broker redelivers the old message eventually)
+                log.exception("job %s: could not send its message again", job.id)
             return
         self._delete_artifacts(job)
         self._release_dependents(job.id)
