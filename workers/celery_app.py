@@ -4,6 +4,9 @@ One process serves one or more queues with a thread pool: every task thread of a
 submits to the same GenerationEngine, so concurrent generate jobs share one batch. Models are
 loaded once, at worker start (`worker_init`), for the queues the worker consumes. The prefork
 pool is refused: forked children cannot share one engine (nor CUDA).
+
+Stopping is a warm shutdown (SIGTERM or SIGINT): the thread pool cannot kill a running task, so
+the runner stops its jobs itself after a grace period and puts them back in the queue.
 """
 
 from __future__ import annotations
@@ -37,7 +40,11 @@ def runner() -> JobRunner:
     global _runner
     with _runner_lock:
         if _runner is None:
-            client = redis.Redis.from_url(settings.redis_url)
+            client = redis.Redis.from_url(
+                settings.redis_url,
+                socket_timeout=settings.redis_timeout_s,
+                socket_connect_timeout=settings.redis_timeout_s,
+            )
             _runner = JobRunner(
                 settings,
                 JobStore(client),
@@ -51,6 +58,11 @@ def runner() -> JobRunner:
 
 @signals.worker_init.connect
 def _load_models(sender: Any, **_: Any) -> None:
+    # Celery leaves the root logger alone (worker_hijack_root_logger=False): ours go to stderr,
+    # with the lifecycle lines (leases, hand-backs, outages) at INFO.
+    logging.basicConfig(
+        level=logging.INFO, format="[%(asctime)s %(levelname)s %(name)s] %(message)s"
+    )
     pool = getattr(sender.pool_cls, "__module__", str(sender.pool_cls))
     if "prefork" in pool:
         # SystemExit: Celery logs and swallows ordinary exceptions raised by signal handlers.
@@ -66,11 +78,21 @@ def _load_models(sender: Any, **_: Any) -> None:
         # A worker without its models must not take jobs: stop it, saying why.
         log.exception("loading models failed")
         raise SystemExit(f"heartcluster worker: loading models failed: {error}") from error
+    runner().leases.start()  # renews this worker's leases and reaps lost workers' jobs, idle or not
+
+
+@signals.worker_shutting_down.connect
+def _hand_back_on_stop(**_: Any) -> None:
+    """SIGTERM/SIGINT: Celery stops consuming and waits for running tasks (warm shutdown);
+    the runner lets them finish for HEARTCLUSTER_STOP_GRACE_S, then hands them back."""
+    if _runner is not None:
+        _runner.stop(settings.stop_grace_s)
 
 
 @signals.worker_shutdown.connect
 def _stop_engine(**_: Any) -> None:
     if _runner is not None:
+        _runner.close()
         _runner.models.close()
 
 

@@ -1,39 +1,66 @@
 """One job through its states: load, start, run its type's handler, write artifacts, finish.
 
 Celery-free (the task in workers.celery_app is one line over `JobRunner.run`), so the lifecycle
-rules live in one place: a cancelled or terminal job never runs, a job redelivered too often
-fails with `too_many_attempts`, artifacts are written only after the pipeline succeeded
-(metadata.json last, as the completeness marker) and under the job's own keys (a retry
-overwrites them with the same content), and a cancelled or failed job leaves none behind.
+rules live in one place: a job runs only under a lease (a cancelled or terminal job, or one
+another worker holds, never runs; one whose worker was lost too often fails with
+`too_many_attempts`); artifacts are written only after the pipeline succeeded, right after
+renewing the lease (metadata.json last, as the completeness marker) and under the job's own keys
+(a rerun overwrites them with the same content); every final state change is fenced by the lease
+and retried while Redis is away; a cancelled or failed job leaves no artifacts behind, and a
+succeeded one never loses them to a Redis error. A stopping worker hands its jobs back.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import threading
 import time
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
 from shared.core.audio import AudioError
 from shared.core.config import Settings
 from shared.core.inputs import InputResolver
-from shared.core.jobs import Job, JobStore, UploadStore
+from shared.core.jobs import Job, JobStore, Lease, UploadStore, new_id
 from shared.core.jobtypes import JOB_TYPES, parse_params
+from shared.core.outage import REDIS_ERRORS, Outage
 from shared.core.schemas import invalid_request
 from shared.core.storage import METADATA, ObjectStore, artifact_key, content_type_for, job_prefix
 from shared.core.tokens import InputError
 from shared.ml.generation.engine import RequestError
 from shared.ml.pipelines import NothingGenerated, PipelineAborted
 from workers.handlers import HANDLERS, PIPELINE_SHARE, JobContext, Output
+from workers.lease import LeaseKeeper
 from workers.models import WorkerModels
 from workers.progress import ProgressReporter
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # How often a running job asks Redis whether it was cancelled (the engine asks every frame).
 CANCEL_POLL_S = 0.1
+
+
+class _QuietProgress:
+    """The job store as the progress reporter sees it: a progress write while Redis is away is
+    dropped (the next one carries the news) and logged once, not as a traceback per write."""
+
+    def __init__(self, jobs: JobStore, outage: Outage) -> None:
+        self._jobs = jobs
+        self._outage = outage
+
+    def progress(self, job_id: str, *args: Any, **kwargs: Any) -> None:
+        try:
+            self._jobs.progress(job_id, *args, **kwargs)
+        except REDIS_ERRORS as error:
+            self._outage.failed(error)
+            return
+        self._outage.ok()
 
 
 class JobRunner:
@@ -45,13 +72,19 @@ class JobRunner:
         models: WorkerModels,
         uploads: UploadStore,
         enqueue: Callable[[Job], None],
+        worker: str | None = None,
     ) -> None:
         self.settings = settings
-        self.enqueue = enqueue  # sends a job waiting on a finished one
+        self.enqueue = enqueue  # sends a job's message (a waiting, requeued or handed-back job)
         self.jobs = jobs
         self.objects = objects
         self.models = models
         self.uploads = uploads
+        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}:{new_id()[:6]}"
+        self.outage = Outage(log)
+        self.leases = LeaseKeeper(jobs, settings, self.worker, self._on_reaped, self.outage)
+        self._stopping = threading.Event()  # take no new job
+        self._handing_back = threading.Event()  # abort running jobs and requeue them
         self.inputs = InputResolver(jobs, uploads, objects)
 
     # ----- lifecycle --------------------------------------------------------------------------
@@ -60,7 +93,17 @@ class JobRunner:
         try:
             self._run(job_id)
         finally:
-            self._release_dependents(job_id)
+            self._store(lambda: self._release_dependents(job_id))
+
+    def stop(self, grace_s: float) -> None:
+        """Take no new job; after `grace_s`, running jobs stop and go back to the queue."""
+        self._stopping.set()
+        timer = threading.Timer(grace_s, self._handing_back.set)
+        timer.daemon = True
+        timer.start()
+
+    def close(self) -> None:
+        self.leases.close()
 
     def _release_dependents(self, job_id: str) -> None:
         """Jobs waiting on this one (an extend after its encode step) go on once it ended:
@@ -88,56 +131,65 @@ class JobRunner:
                 )
 
     def _run(self, job_id: str) -> None:
-        job = self.jobs.get(job_id)
+        if self._stopping.is_set():  # delivered while this worker stops: leave it to another
+            job = self._store(lambda: self.jobs.get(job_id))
+            if job is not None and job.state == "queued":
+                self._send(job)
+            return
+        outcome, job, lease = self._store(
+            lambda: self.jobs.acquire(
+                job_id, self.worker, self.settings.lease_s, self.settings.max_attempts
+            )
+        )
         if job is None:
             log.warning("job %s: no record; message dropped", job_id)
             return
-        if job.terminal:
-            log.info("job %s is already %s; not running it", job_id, job.state)
-            return
-        if job.attempts >= self.settings.max_attempts:
+        if outcome == "too_many_attempts":
             self._delete_artifacts(job)
-            self.jobs.fail(
-                job_id,
-                "too_many_attempts",
-                f"gave up after {job.attempts} attempts (HEARTCLUSTER_MAX_ATTEMPTS="
-                f"{self.settings.max_attempts}); the worker running it was lost each time",
+        if lease is None:
+            log.info("job %s: %s (%s); not running it", job_id, outcome, job.state)
+            return
+        lost = self.leases.hold(lease)
+        try:
+            self._run_started(job, lease, lost)
+        finally:
+            self.leases.release(lease)
+
+    def _run_started(self, job: Job, lease: Lease, lost: threading.Event) -> None:
+        if job.type not in HANDLERS:
+            self._end_failed(
+                job, lease, "unsupported", f"this worker does not run {job.type!r} jobs"
             )
             return
-        started = self.jobs.start(job_id)
-        if started is None:
-            return
-        if started.cancel_requested:  # redelivered after a cancel reached its lost worker
-            self.jobs.mark_cancelled(job_id)
-            return
-        self._run_started(started)
-
-    def _run_started(self, job: Job) -> None:
-        if job.type not in HANDLERS:
-            self.jobs.fail(job.id, "unsupported", f"this worker does not run {job.type!r} jobs")
-            return
         deadline = time.monotonic() + self.settings.job_time_limit_s
-        timed_out = cancelled = False
+        reason: str | None = None  # why the run stops early: see _aborted
         last_poll = -CANCEL_POLL_S
 
         def should_abort() -> bool:
             """Called by the engine every frame for every job: it must answer fast and never
             raise, so Redis is asked at most every CANCEL_POLL_S."""
-            nonlocal timed_out, cancelled, last_poll
+            nonlocal reason, last_poll
             now = time.monotonic()
-            if now > deadline:
-                timed_out = True
-                return True
-            if not cancelled and now - last_poll >= CANCEL_POLL_S:
+            if reason is not None:
+                pass
+            elif now > deadline:
+                reason = "time_limit"
+            elif lost.is_set():
+                reason = "lease_lost"
+            elif self._handing_back.is_set():
+                reason = "stopping"
+            elif now - last_poll >= CANCEL_POLL_S:
                 last_poll = now
                 try:
-                    cancelled = self.jobs.cancel_requested(job.id)
-                except Exception:  # noqa: BLE001 (a Redis hiccup must not abort the batch)
-                    log.exception("job %s: reading the cancel flag failed", job.id)
-            return cancelled
+                    if self.jobs.cancel_requested(job.id):
+                        reason = "cancelled"
+                    self.outage.ok()
+                except REDIS_ERRORS as error:  # Redis away: keep running, say so once
+                    self.outage.failed(error)
+            return reason is not None
 
         try:
-            with ProgressReporter(self.jobs, job.id) as progress:
+            with ProgressReporter(_QuietProgress(self.jobs, self.outage), job.id) as progress:
                 entry = JOB_TYPES[job.type]
                 params = parse_params(entry, job.params, self.settings)
                 inputs = self.inputs.resolve(job.tenant, entry.inputs, params)
@@ -155,40 +207,130 @@ class JobRunner:
                 )
                 output = HANDLERS[job.type](context)
                 progress.update("uploading", PIPELINE_SHARE)
-                if should_abort():
+                # Fencing of the artifacts: write only right after renewing the lease (a write
+                # takes far less than a lease period); the succeed below is fenced in Redis.
+                if should_abort() or self._store(
+                    lambda: self.jobs.renew([lease], self.settings.lease_s)
+                ):
+                    reason = reason or "lease_lost"
                     raise PipelineAborted
                 names = self._write_artifacts(job, entry.artifact_names(params), output)
                 progress.update("uploading", 100.0)
-            if should_abort():
-                raise PipelineAborted
-            self.jobs.succeed(job.id, names)
         except PipelineAborted:
-            if timed_out:
-                limit = self.settings.job_time_limit_s
-                self._end_failed(
-                    job, "time_limit", f"ran past HEARTCLUSTER_JOB_TIME_LIMIT_S={limit}"
-                )
-            else:
-                self._delete_artifacts(job)
-                self.jobs.mark_cancelled(job.id)
+            self._aborted(job, lease, reason)
+            return
+        except REDIS_ERRORS as error:  # inputs unreadable while Redis is away: run it later
+            log.warning("job %s: Redis away while running (%s); handing it back", job.id, error)
+            self._hand_back(job, lease)
+            return
         except ValidationError as error:  # "field: message", as the gateway names it
-            self._end_failed(job, "invalid_params", str(invalid_request(error)))
+            self._end_failed(job, lease, "invalid_params", str(invalid_request(error)))
+            return
         except (RequestError, InputError, AudioError) as error:
-            self._end_failed(job, "invalid_params", str(error))
+            self._end_failed(job, lease, "invalid_params", str(error))
+            return
         except NothingGenerated as error:
-            self._end_failed(job, "nothing_generated", str(error))
+            self._end_failed(job, lease, "nothing_generated", str(error))
+            return
         except Exception as error:  # noqa: BLE001 (any failure ends the job with its reason)
             log.exception("job %s failed", job.id)
-            self._end_failed(job, "internal_error", f"{type(error).__name__}: {error}")
+            self._end_failed(job, lease, "internal_error", f"{type(error).__name__}: {error}")
+            return
+        log.info(
+            "job %s: pipeline finished (attempt %d, worker %s)", job.id, job.attempts, self.worker
+        )
+        # Never deletes the artifacts: a succeed that cannot reach Redis is retried, and past
+        # that the lease expires and the job runs again, overwriting them.
+        done = self._settle(
+            lease, "succeeded", lambda: self.jobs.succeed(job.id, names, lease.lease_id)
+        )
+        if done:
+            log.info("job %s succeeded (worker %s)", job.id, self.worker)
 
-    def _end_failed(self, job: Job, code: str, message: str) -> None:
+    def _aborted(self, job: Job, lease: Lease, reason: str | None) -> None:
+        if reason == "time_limit":
+            limit = self.settings.job_time_limit_s
+            self._end_failed(
+                job, lease, "time_limit", f"ran past HEARTCLUSTER_JOB_TIME_LIMIT_S={limit}"
+            )
+        elif reason == "lease_lost":
+            log.warning("job %s: lease lost; this run's outcome is dropped", job.id)
+        elif reason == "stopping":
+            self._hand_back(job, lease)
+        elif self._settle(
+            lease, "cancelled", lambda: self.jobs.mark_cancelled(job.id, lease.lease_id)
+        ):
+            self._delete_artifacts(job)
+
+    def _hand_back(self, job: Job, lease: Lease) -> None:
+        """Back to the queue at once (a stopping worker, or Redis away mid-run)."""
+        queued = self._store(lambda: self.jobs.hand_back(lease))
+        if queued is not None:
+            log.info("job %s: handed back to the queue", job.id)
+            self._send(queued)
+
+    def _end_failed(self, job: Job, lease: Lease, code: str, message: str) -> None:
+        """Fenced: a worker that lost the job neither fails it nor deletes the artifacts."""
+        if self._settle(
+            lease, "failed", lambda: self.jobs.fail(job.id, code, message, lease.lease_id)
+        ):
+            self._delete_artifacts(job)
+
+    def _settle(self, lease: Lease, state: str, change: Callable[[], Job | None]) -> bool:
+        """Apply a fenced final change, retried while Redis is away. True when the job ended in
+        `state` under this lease (also when a retry finds the first try had landed)."""
+        try:
+            if self._store(change) is not None:
+                return True
+            job = self._store(lambda: self.jobs.get(lease.job_id))
+        except REDIS_ERRORS:
+            log.error(
+                "job %s: Redis away past HEARTCLUSTER_REDIS_RETRY_S; its lease will expire and "
+                "it will run again",
+                lease.job_id,
+            )
+            return False
+        if job is not None and job.state == state and job.lease_id == lease.lease_id:
+            return True
+        log.warning("job %s: lease lost; not marking it %s", lease.job_id, state)
+        return False
+
+    def _store(self, call: Callable[[], _T]) -> _T:
+        """A job-store call, retried while Redis is away (logged once), up to REDIS_RETRY_S."""
+        deadline = time.monotonic() + self.settings.redis_retry_s
+        while True:
+            try:
+                result = call()
+            except REDIS_ERRORS as error:
+                self.outage.failed(error)
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(min(1.0, self.settings.heartbeat_s))
+                continue
+            self.outage.ok()
+            return result
+
+    def _send(self, job: Job) -> None:
+        try:
+            self._store(lambda: self.enqueue(job))
+        except Exception:  # noqa: BLE001 (the broker redelivers the old message eventually)
+            log.exception("job %s: could not send its message again", job.id)
+
+    def _on_reaped(self, outcome: str, job: Job) -> None:
+        """A lost worker's job: requeued (send its message again) or ended (clean up)."""
+        if outcome == "requeued":
+            try:  # no long retry here: this runs on the heartbeat thread, which must keep beating
+                self.enqueue(job)
+            except Exception:  # noqa: BLE001 (the broker redelivers the old message eventually)
+                log.exception("job %s: could not send its message again", job.id)
+            return
         self._delete_artifacts(job)
-        self.jobs.fail(job.id, code, message)
+        self._release_dependents(job.id)
 
     def _write_artifacts(self, job: Job, declared: tuple[str, ...], output: Output) -> list[str]:
         """Every file, then metadata.json: a job without metadata is incomplete. The files must
         be the ones its registry entry declares (clients and downloads rely on those names)."""
-        if [*output.files, METADATA] != list(declared):
+        if {*output.files, METADATA} != set(declared):
             raise RuntimeError(f"{job.type} wrote {sorted(output.files)}, declared {declared}")
         for name, data in output.files.items():
             key = artifact_key(job.tenant, job.id, name)

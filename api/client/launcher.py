@@ -22,6 +22,7 @@ import redis
 
 WORKER_KINDS = ("gpu", "cpu", "train")
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+REDIS_PORT_FILE = "port"  # under DATA_DIR/redis: the port of the data directory's Redis
 
 
 class LaunchError(RuntimeError):
@@ -70,10 +71,11 @@ def worker_command(
 
 
 def worker_env(kind: str, base: Mapping[str, str]) -> dict[str, str]:
-    """A worker's environment: SIGTERM means soft shutdown (unfinished jobs are re-queued at
-    once instead of after the visibility timeout); the CPU queue always runs on the CPU."""
+    """A worker's environment: the CPU queue always runs on the CPU. SIGTERM keeps Celery's
+    warm shutdown (the runner hands unfinished jobs back after its grace period): no remap to a
+    cold shutdown, which the thread pool cannot carry out."""
     env = child_env(base)
-    env["REMAP_SIGTERM"] = "SIGQUIT"
+    env.pop("REMAP_SIGTERM", None)
     if kind == "cpu":
         env["HEARTCLUSTER_DEVICE"] = "cpu"
     return env
@@ -114,10 +116,37 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def private_redis(data_dir: Path) -> tuple[str, subprocess.Popen[bytes] | None]:
+    """The data directory's own redis-server: the one already serving it (another `up` or
+    `demo` on the same directory: same cluster), else a new one on a free port. A cluster per
+    data directory, so two local clusters never take each other's jobs."""
+    workdir = data_dir.resolve() / "redis"
+    port_file = workdir / REDIS_PORT_FILE
+    if port_file.is_file():
+        url = f"redis://127.0.0.1:{port_file.read_text().strip()}/0"
+        if redis_answers(url, 0.5) and _redis_dir(url) == str(workdir):
+            return url, None
+    url, process = start_redis(f"redis://127.0.0.1:{free_port()}/0", data_dir)
+    port_file.write_text(f"{urlparse(url).port}\n")
+    return url, process
+
+
+def _redis_dir(url: str) -> str | None:
+    """The data directory of the Redis at `url` (a stale port file may name another's)."""
+    client = redis.Redis.from_url(url, socket_timeout=1.0, decode_responses=True)
+    try:
+        return client.config_get("dir").get("dir")
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+
+
 def start_redis(url: str, data_dir: Path) -> tuple[str, subprocess.Popen[bytes]]:
     """A redis-server for a loopback URL that nobody answers: on its port if free, else any.
 
-    Data persists under DATA_DIR/redis (append-only file), so jobs and keys survive a restart.
+    Data persists under DATA_DIR/redis in an append-only file (fsync every second), so jobs
+    and keys survive a restart of Redis.
     """
     parsed = urlparse(url)
     host = parsed.hostname or "127.0.0.1"
@@ -136,10 +165,7 @@ def start_redis(url: str, data_dir: Path) -> tuple[str, subprocess.Popen[bytes]]
     workdir.mkdir(parents=True, exist_ok=True)
     log_file = open(workdir / "redis.log", "ab")  # noqa: SIM115 (owned by the child process)
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
-        + ["--appendonly", "yes", "--save", ""],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
+        redis_server_command(binary, port, workdir), stdout=log_file, stderr=subprocess.STDOUT
     )
     db = parsed.path.strip("/") or "0"
     local_url = f"redis://127.0.0.1:{port}/{db}"
@@ -152,6 +178,18 @@ def start_redis(url: str, data_dir: Path) -> tuple[str, subprocess.Popen[bytes]]
         time.sleep(0.1)
     stop_processes([process])
     raise LaunchError(f"redis-server did not answer on port {port}; see {workdir / 'redis.log'}")
+
+
+def redis_server_command(binary: str, port: int, workdir: Path) -> list[str]:
+    """Loopback only, data in `workdir`, every write in the append-only file."""
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)] + [
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "everysec",
+        "--save",
+        "",
+    ]
 
 
 def spawn(command: list[str], env: Mapping[str, str], log_path: Path) -> subprocess.Popen[bytes]:

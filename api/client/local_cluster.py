@@ -1,8 +1,10 @@
 """`heartcluster up`: gateway + one GPU-queue worker + one CPU worker on this machine.
 
-Uses HEARTCLUSTER_REDIS_URL (default redis://127.0.0.1:6379/0) or, when nothing answers there,
-starts a redis-server of its own; keeps artifacts, Redis data, logs, worker state, the local
-API key and (without HEARTCLUSTER_MODEL_DIR) tiny models under the data directory.
+Each data directory is its own cluster: without HEARTCLUSTER_REDIS_URL it runs its own
+redis-server (append-only file under DATA_DIR/redis), so two local clusters never share jobs;
+with it, that Redis (started here when it is on this machine and nothing answers). Keeps
+artifacts, Redis data, logs, worker state, the local API key and (without
+HEARTCLUSTER_MODEL_DIR) tiny models under the data directory.
 No torch here: the workers load the models in their own processes.
 """
 
@@ -24,6 +26,8 @@ from api.client.launcher import (
     child_env,
     default_concurrency,
     gateway_command,
+    port_free,
+    private_redis,
     redis_answers,
     spawn,
     start_redis,
@@ -74,13 +78,24 @@ class LocalCluster:
 
     def start(self, timeout_s: float = 600.0) -> None:
         """Bring everything up and wait until the gateway answers and both queues have a worker."""
+        if not port_free(self.host, self.port):
+            raise LaunchError(
+                f"port {self.port} on {self.host} is in use (another `heartcluster up`?): "
+                "stop it or pass --port"
+            )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         overrides = {f"{PREFIX}DATA_DIR": str(self.data_dir)}
         if not self.env.get(f"{PREFIX}STORAGE_URL"):
             overrides[f"{PREFIX}STORAGE_URL"] = (self.data_dir / "artifacts").as_uri()
         settings = Settings.from_env({**self.env, **overrides})
         try:
-            if not redis_answers(settings.redis_url):
+            if not self.env.get(f"{PREFIX}REDIS_URL"):
+                url, self._redis = private_redis(self.data_dir)
+                started = "started" if self._redis is not None else "sharing"
+                self.log(f"{started} redis-server at {url} (data in {self.data_dir / 'redis'})")
+                overrides[f"{PREFIX}REDIS_URL"] = url
+                settings = Settings.from_env({**self.env, **overrides})
+            elif not redis_answers(settings.redis_url):
                 url, self._redis = start_redis(settings.redis_url, self.data_dir)
                 self.log(f"started redis-server at {url} (data in {self.data_dir / 'redis'})")
                 overrides[f"{PREFIX}REDIS_URL"] = url
@@ -137,7 +152,8 @@ class LocalCluster:
                 )
 
     def stop(self) -> None:
-        """Gateway first, then workers (warm shutdown: running jobs go back to the queue)."""
+        """Gateway first, then workers (warm shutdown: after HEARTCLUSTER_STOP_GRACE_S their
+        running jobs go back to the queue), then our Redis."""
         names = [n for n in ("gateway", "gpu-worker", "cpu-worker") if n in self.processes]
         stop_processes([self.processes.pop(n) for n in names])
         if self._redis is not None:

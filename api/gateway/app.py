@@ -62,7 +62,10 @@ def create_app(
 
     settings = settings or Settings.from_env()
     redis_client = redis_client or redis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=5, health_check_interval=30
+        settings.redis_url,
+        socket_connect_timeout=settings.redis_timeout_s,
+        socket_timeout=settings.redis_timeout_s,  # no request hangs while Redis is away
+        health_check_interval=30,
     )
     app = Flask("heartcluster")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + UPLOAD_OVERHEAD_BYTES

@@ -12,7 +12,11 @@ from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 from werkzeug.serving import WSGIRequestHandler
 
+from shared.core.outage import REDIS_ERRORS, Outage
+
 log = logging.getLogger(__name__)
+# Sent with 503 while Redis is away: a restart with an append-only file takes seconds.
+REDIS_RETRY_AFTER_S = 5
 
 _CODES = {
     400: "bad_request",
@@ -74,8 +78,36 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response:
+        if isinstance(error, REDIS_ERRORS):
+            return _redis_away(app, error)
         log.exception("unhandled error")
         return error_response(500, "internal_error", "internal server error")
+
+    @app.after_request
+    def _redis_answered(response: Response) -> Response:
+        """While Redis is away, each answered request checks whether it is back (one PING)."""
+        outage = _redis_outage(app)
+        if outage.away:
+            try:
+                app.extensions["heartcluster"].redis.ping()
+            except REDIS_ERRORS:
+                return response
+            outage.ok()
+        return response
+
+
+def _redis_outage(app: Flask) -> Outage:
+    return app.extensions.setdefault("heartcluster-redis-outage", Outage(log))
+
+
+def _redis_away(app: Flask, error: Exception) -> Response:
+    """503 + Retry-After while the job store / broker cannot be reached (logged once)."""
+    _redis_outage(app).failed(error)
+    response = error_response(
+        503, "unavailable", "the job store (Redis) is unreachable; retry shortly"
+    )
+    response.headers["Retry-After"] = str(REDIS_RETRY_AFTER_S)
+    return response
 
 
 class JsonErrorRequestHandler(WSGIRequestHandler):

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 PREFIX = "HEARTCLUSTER_"
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+LEASE_HEARTBEATS = 3  # heartbeats per lease period, at least
 
 T = TypeVar("T")
 
@@ -50,6 +51,16 @@ class Settings:
     max_upload_seconds: float = 600.0
     max_attempts: int = 3
     job_time_limit_s: int = 3600
+    # A running job's lease lasts lease_s and its worker renews it every heartbeat_s, so a lost
+    # worker's jobs go back to the queue within about lease_s + heartbeat_s.
+    lease_s: float = 15.0
+    heartbeat_s: float = 3.0
+    # A stopping worker lets running jobs finish this long, then hands them back to the queue.
+    stop_grace_s: float = 5.0
+    # Socket timeout of every Redis client, and how long a finished job's state write is retried
+    # while Redis is away (past it, the lease expires and the job runs again).
+    redis_timeout_s: float = 5.0
+    redis_retry_s: float = 120.0
     data_dir: Path = Path("heartcluster-data")
 
     @classmethod
@@ -92,8 +103,18 @@ class Settings:
             ),
             max_attempts=reader.get("MAX_ATTEMPTS", cls.max_attempts, _positive(int)),
             job_time_limit_s=reader.get("JOB_TIME_LIMIT_S", cls.job_time_limit_s, _positive(int)),
+            lease_s=reader.get("LEASE_S", cls.lease_s, _positive(float)),
+            heartbeat_s=reader.get("HEARTBEAT_S", cls.heartbeat_s, _positive(float)),
+            stop_grace_s=reader.get("STOP_GRACE_S", cls.stop_grace_s, _non_negative_float),
+            redis_timeout_s=reader.get("REDIS_TIMEOUT_S", cls.redis_timeout_s, _positive(float)),
+            redis_retry_s=reader.get("REDIS_RETRY_S", cls.redis_retry_s, _positive(float)),
             data_dir=data_dir,
         )
+        if settings.lease_s < LEASE_HEARTBEATS * settings.heartbeat_s:
+            raise SettingsError(
+                f"{PREFIX}LEASE_S={settings.lease_s} must be at least {LEASE_HEARTBEATS} x "
+                f"{PREFIX}HEARTBEAT_S={settings.heartbeat_s}: a lease must outlive a missed beat"
+            )
         if settings.s3_endpoint_url and settings.storage_scheme != "s3":
             raise SettingsError(
                 f"{PREFIX}S3_ENDPOINT_URL is set but {PREFIX}STORAGE_URL is not an s3:// URL"
@@ -147,6 +168,13 @@ def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
         return number
 
     return parse
+
+
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise ValueError("expected a number of seconds, 0 or more")
+    return number
 
 
 def _redis_url(value: str) -> str:

@@ -5,6 +5,13 @@ progress. Every state change is a Lua script that checks the current state and w
 atomic step, so a terminal state (succeeded, failed, cancelled) can never be overwritten, however
 the gateway and redelivered workers interleave. Each change is also published on the job's
 event channel, which the gateway serves as Server-Sent Events. No torch: the gateway imports this.
+
+A running job holds a lease: the worker that runs it, a lease id (the fencing token) and an
+expiry in Redis server time, renewed by the worker's heartbeat. Every change a worker makes
+names its lease id and is refused once the lease was taken over, so a worker that lost its job
+can never finish it. Expired leases are reaped by any process (one Lua script decides who wins):
+the job goes back to its queue with the attempt counted, or fails at the attempt cap. Records
+without an expiry (written with no lease) keep the older redelivery rules.
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ def dependents_key(job_id: str) -> str:
     return f"job-dependents:{job_id}"
 
 
+LEASES_KEY = "job-leases"  # sorted set: job id -> lease expiry (Redis server time)
+
+
 def upload_record_key(upload_id: str) -> str:
     return f"upload:{upload_id}"
 
@@ -75,6 +85,9 @@ class Job:
     artifacts: list[str] = field(default_factory=list)
     parent_job_id: str | None = None
     cancel_requested: bool = False
+    worker: str | None = None  # the worker holding the lease while it runs
+    lease_id: str | None = None  # fencing token of the current run
+    lease_expires_at: float | None = None  # Redis server time; None: no lease
 
     @classmethod
     def new(
@@ -115,22 +128,188 @@ redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 return ARGV[1]
 """
 
-# ARGV: n, n allowed states, increment field ('' for none), field/value pairs.
-# Returns false when the job is missing, else {applied (0/1), HGETALL after the change}.
+# Shared by the scripts below. Times are Redis server time (one clock for every process); hash
+# fields hold JSON, so strings are written quoted and numbers as text.
+_LUA_PRELUDE = """
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function fmt(t) return string.format('%.6f', t) end
+local function expiry(key)
+  local v = redis.call('HGET', key, 'lease_expires_at')
+  if not v or v == 'null' then return nil end
+  return tonumber(v)
+end
+-- A job whose run is over without an outcome (start or an expired lease) ends here when it
+-- was cancelled meanwhile or used up its attempts; nil means it may run (again).
+local function settle(key, leases, id, t, max_attempts)
+  if redis.call('HGET', key, 'cancel_requested') == 'true' then
+    redis.call('HSET', key, 'state', '"cancelled"', 'finished_at', fmt(t), 'stage', '"cancelled"')
+    redis.call('ZREM', leases, id)
+    return 'cancelled'
+  end
+  local attempts = tonumber(redis.call('HGET', key, 'attempts'))
+  if max_attempts > 0 and attempts >= max_attempts then
+    local message = 'gave up after ' .. attempts .. ' attempts (HEARTCLUSTER_MAX_ATTEMPTS=' ..
+      max_attempts .. '); the worker running it was lost each time'
+    redis.call('HSET', key, 'state', '"failed"', 'finished_at', fmt(t), 'stage', '"failed"',
+      'message', cjson.encode(message),
+      'error', cjson.encode({code = 'too_many_attempts', message = message}))
+    redis.call('ZREM', leases, id)
+    return 'too_many_attempts'
+  end
+  return nil
+end
+"""
+
+# KEYS: job, leases. ARGV: job id, worker (JSON), lease id (JSON), lease seconds (0: no lease),
+# attempt cap (0: none). Returns false when missing, else {outcome, HGETALL}.
+_ACQUIRE = (
+    _LUA_PRELUDE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local t = now()
+local state = redis.call('HGET', KEYS[1], 'state')
+local e = expiry(KEYS[1])
+if state == '"running"' and e ~= nil and e > t then
+  return {'busy', redis.call('HGETALL', KEYS[1])}
+end
+if state ~= '"queued"' and state ~= '"running"' then
+  return {'terminal', redis.call('HGETALL', KEYS[1])}
+end
+local settled = settle(KEYS[1], KEYS[2], ARGV[1], t, tonumber(ARGV[5]))
+if settled then return {settled, redis.call('HGETALL', KEYS[1])} end
+redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+local lease_s = tonumber(ARGV[4])
+local expires = 'null'
+if lease_s > 0 then
+  expires = fmt(t + lease_s)
+  redis.call('ZADD', KEYS[2], t + lease_s, ARGV[1])
+else
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
+redis.call('HSET', KEYS[1], 'state', '"running"', 'started_at', fmt(t), 'stage', '"starting"',
+  'progress', '0.0', 'worker', ARGV[2], 'lease_id', ARGV[3], 'lease_expires_at', expires)
+return {'started', redis.call('HGETALL', KEYS[1])}
+"""
+)
+
+# KEYS: leases, then one job key per lease. ARGV: lease seconds, then (job id, lease id JSON)
+# per job. Extends every lease still held; returns the ids of the jobs whose lease is gone.
+_RENEW = (
+    _LUA_PRELUDE
+    + """
+local t = now()
+local until_t = t + tonumber(ARGV[1])
+local lost = {}
+for i = 2, #KEYS do
+  local id, lease = ARGV[2 * i - 2], ARGV[2 * i - 1]
+  if redis.call('HGET', KEYS[i], 'state') == '"running"'
+      and redis.call('HGET', KEYS[i], 'lease_id') == lease then
+    redis.call('HSET', KEYS[i], 'lease_expires_at', fmt(until_t))
+    redis.call('ZADD', KEYS[1], until_t, id)
+  else
+    table.insert(lost, id)
+  end
+end
+return lost
+"""
+)
+
+# KEYS: leases. ARGV: attempt cap, most jobs per call, job key prefix. Every running job whose
+# lease expired goes back to the queue (or ends: cancelled, too_many_attempts). Returns
+# {outcome, HGETALL} per job; concurrent reapers never both take one job.
+_REAP = (
+    _LUA_PRELUDE
+    + """
+local t = now()
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t, 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, id in ipairs(due) do
+  local key = ARGV[3] .. id
+  local e = expiry(key)
+  if redis.call('HGET', key, 'state') ~= '"running"' or e == nil then
+    redis.call('ZREM', KEYS[1], id)
+  elseif e > t then
+    redis.call('ZADD', KEYS[1], e, id)
+  else
+    local outcome = settle(key, KEYS[1], id, t, tonumber(ARGV[1]))
+    if not outcome then
+      outcome = 'requeued'
+      redis.call('HSET', key, 'state', '"queued"', 'stage', '"queued"', 'progress', '0.0',
+        'message', '"its worker stopped renewing the lease; back in the queue"',
+        'worker', 'null', 'lease_id', 'null', 'lease_expires_at', 'null')
+      redis.call('ZREM', KEYS[1], id)
+    end
+    table.insert(out, {outcome, redis.call('HGETALL', key)})
+  end
+end
+return out
+"""
+)
+
+# KEYS: job, leases. ARGV: job id. Queued, or running with an expired lease (its worker is
+# gone): cancelled now. Running under a live lease: flagged for its worker.
+_CANCEL = (
+    _LUA_PRELUDE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local t = now()
+local state = redis.call('HGET', KEYS[1], 'state')
+local e = expiry(KEYS[1])
+if state == '"queued"' or (state == '"running"' and e ~= nil and e <= t) then
+  redis.call('HSET', KEYS[1], 'state', '"cancelled"', 'finished_at', fmt(t),
+    'stage', '"cancelled"', 'cancel_requested', 'true')
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return {'cancelled', redis.call('HGETALL', KEYS[1])}
+end
+if state == '"running"' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', 'true')
+  return {'flagged', redis.call('HGETALL', KEYS[1])}
+end
+return {'unchanged', redis.call('HGETALL', KEYS[1])}
+"""
+)
+
+# KEYS: job, leases. ARGV: job id, n, n allowed states, increment field ('' for none), its
+# delta, lease id (JSON; '' for no fencing), field/value pairs. A fenced change applies only
+# while that lease holds the job. Returns false when the job is missing, else {applied (0/1),
+# HGETALL after the change}.
 _TRANSITION = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local n = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
 local state = redis.call('HGET', KEYS[1], 'state')
 local allowed = false
-for i = 2, n + 1 do
+for i = 3, n + 2 do
   if ARGV[i] == state then allowed = true end
 end
+local lease = ARGV[n + 5]
+if lease ~= '' and redis.call('HGET', KEYS[1], 'lease_id') ~= lease then allowed = false end
 if not allowed then return {0, redis.call('HGETALL', KEYS[1])} end
-local incr = ARGV[n + 2]
-if incr ~= '' then redis.call('HINCRBY', KEYS[1], incr, 1) end
-if #ARGV > n + 2 then redis.call('HSET', KEYS[1], unpack(ARGV, n + 3)) end
+local incr = ARGV[n + 3]
+if incr ~= '' then redis.call('HINCRBY', KEYS[1], incr, tonumber(ARGV[n + 4])) end
+if #ARGV > n + 5 then redis.call('HSET', KEYS[1], unpack(ARGV, n + 6)) end
+if redis.call('HGET', KEYS[1], 'state') ~= '"running"' then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
 return {1, redis.call('HGETALL', KEYS[1])}
 """
+
+# What acquire() found.
+STARTED = "started"  # the caller holds the lease and runs the job
+BUSY = "busy"  # another worker holds a live lease: drop this delivery
+TERMINAL = "terminal"  # already finished: nothing to do
+ENDED = frozenset({"cancelled", "too_many_attempts"})  # ended now instead of running
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The right of one worker to run one job until it stops renewing it."""
+
+    job_id: str
+    lease_id: str
+    worker: str
 
 
 def _text(value: bytes | str) -> str:
@@ -157,6 +336,10 @@ class JobStore:
         self._redis = redis_client
         self._create = redis_client.register_script(_CREATE)
         self._transition = redis_client.register_script(_TRANSITION)
+        self._acquire = redis_client.register_script(_ACQUIRE)
+        self._renew = redis_client.register_script(_RENEW)
+        self._reap = redis_client.register_script(_REAP)
+        self._cancel = redis_client.register_script(_CANCEL)
 
     # -- creation and reading -------------------------------------------------------------
 
@@ -256,13 +439,18 @@ class JobStore:
         values: dict[str, Any],
         increment: str = "",
         event: str = "state",
+        lease_id: str | None = None,
+        delta: int = 1,
     ) -> tuple[Job | None, bool]:
         reply = self._transition(
-            keys=[job_key(job_id)],
+            keys=[job_key(job_id), LEASES_KEY],
             args=[
+                job_id,
                 len(allowed),
                 *(json.dumps(s) for s in allowed),
                 increment,
+                delta,
+                "" if lease_id is None else json.dumps(lease_id),
                 *_encode_fields(values),
             ],
         )
@@ -279,16 +467,74 @@ class JobStore:
             events_channel(job.id), json.dumps({"event": event, "job": job.to_dict()})
         )
 
-    def start(self, job_id: str) -> Job | None:
-        """Mark a queued (or redelivered running) job running and count the attempt.
+    def acquire(
+        self, job_id: str, worker: str, lease_s: float, max_attempts: int
+    ) -> tuple[str, Job | None, Lease | None]:
+        """Take a queued job (or a running one whose lease expired) under a new lease.
 
-        Returns None when the job is missing, cancelled or otherwise terminal: do not run it.
+        Returns (outcome, job, lease): STARTED with the lease the caller now holds; BUSY when
+        another worker's lease is live; TERMINAL; "cancelled" or "too_many_attempts" when it
+        ended here instead of running; ("missing", None, None) when there is no record.
         """
+        lease_id = new_id()
+        reply = self._acquire(
+            keys=[job_key(job_id), LEASES_KEY],
+            args=[job_id, json.dumps(worker), json.dumps(lease_id), lease_s, max_attempts],
+        )
+        if not reply:
+            return "missing", None, None
+        outcome, raw = _text(reply[0]), reply[1]
+        job = _decode_hash(raw)
+        if outcome == STARTED or outcome in ENDED:
+            self._publish(job, "state")
+        lease = Lease(job_id, lease_id, worker) if outcome == STARTED else None
+        return outcome, job, lease
+
+    def start(self, job_id: str) -> Job | None:
+        """Mark a queued (or redelivered running) job running without a lease, counting the
+        attempt. Returns None when the job is missing, cancelled or otherwise terminal."""
+        outcome, job, _ = self.acquire(job_id, "", 0, 0)
+        return job if outcome == STARTED else None
+
+    def renew(self, leases: list[Lease], lease_s: float) -> list[str]:
+        """Extend the leases still held by one round trip; returns the ids of those lost."""
+        if not leases:
+            return []
+        args: list[Any] = [lease_s]
+        for lease in leases:
+            args += [lease.job_id, json.dumps(lease.lease_id)]
+        lost = self._renew(
+            keys=[LEASES_KEY, *(job_key(lease.job_id) for lease in leases)], args=args
+        )
+        return [_text(job_id) for job_id in lost]
+
+    def reap(self, max_attempts: int, limit: int = 100) -> list[tuple[str, Job]]:
+        """Jobs whose lease expired, each requeued ("requeued": send its message again) or
+        ended ("cancelled", "too_many_attempts"). Safe to call from any number of processes."""
+        replies = self._reap(keys=[LEASES_KEY], args=[max_attempts, limit, job_key("")])
+        reaped = [(_text(outcome), _decode_hash(raw)) for outcome, raw in replies]
+        for _, job in reaped:
+            self._publish(job, "state")
+        return reaped
+
+    def hand_back(self, lease: Lease) -> Job | None:
+        """Running → queued by a stopping worker, the attempt not counted (it did not fail);
+        None when the lease no longer holds the job. The caller sends its message again."""
         job, applied = self._apply(
-            job_id,
-            ("queued", "running"),
-            {"state": "running", "started_at": time.time(), "stage": "starting", "progress": 0.0},
+            lease.job_id,
+            ("running",),
+            {
+                "state": "queued",
+                "stage": "queued",
+                "progress": 0.0,
+                "message": "handed back by a stopping worker",
+                "worker": None,
+                "lease_id": None,
+                "lease_expires_at": None,
+            },
             increment="attempts",
+            delta=-1,
+            lease_id=lease.lease_id,
         )
         return job if applied else None
 
@@ -313,8 +559,9 @@ class JobStore:
             values["frames_total"] = frames_total
         self._apply(job_id, ("running",), values, event="progress")
 
-    def succeed(self, job_id: str, artifacts: list[str]) -> Job | None:
-        """Running → succeeded with its artifact names; None if the job was not running."""
+    def succeed(self, job_id: str, artifacts: list[str], lease_id: str | None = None) -> Job | None:
+        """Running → succeeded with its artifact names; None if the job was not running (or,
+        given a lease id, no longer held under it)."""
         job, applied = self._apply(
             job_id,
             ("running",),
@@ -325,11 +572,13 @@ class JobStore:
                 "stage": "done",
                 "artifacts": list(artifacts),
             },
+            lease_id=lease_id,
         )
         return job if applied else None
 
-    def fail(self, job_id: str, code: str, message: str) -> Job | None:
-        """Queued or running → failed with {"code", "message"}; None if already terminal."""
+    def fail(self, job_id: str, code: str, message: str, lease_id: str | None = None) -> Job | None:
+        """Queued or running → failed with {"code", "message"}; None if already terminal (or,
+        given a lease id, no longer held under it)."""
         job, applied = self._apply(
             job_id,
             ("queued", "running"),
@@ -340,25 +589,32 @@ class JobStore:
                 "message": message,
                 "error": {"code": code, "message": message},
             },
+            lease_id=lease_id,
         )
         return job if applied else None
 
-    def mark_cancelled(self, job_id: str) -> Job | None:
+    def mark_cancelled(self, job_id: str, lease_id: str | None = None) -> Job | None:
         """Queued or running → cancelled (the worker has stopped); None if already terminal."""
-        job, applied = self._apply(job_id, ("queued", "running"), _cancelled_values())
+        job, applied = self._apply(
+            job_id, ("queued", "running"), _cancelled_values(), lease_id=lease_id
+        )
         return job if applied else None
 
     def cancel(self, job_id: str) -> Job | None:
-        """Cancel on a user's request: a queued job is cancelled at once, a running one is
-        flagged for its worker to stop, a terminal one is left alone. None if missing."""
-        job, applied = self._apply(job_id, ("queued",), _cancelled_values())
-        if applied:
+        """Cancel on a user's request: a queued job, or a running one whose worker is gone
+        (lease expired), is cancelled at once; a running one is flagged for its worker to
+        stop; a terminal one is left alone. None if missing."""
+        reply = self._cancel(keys=[job_key(job_id), LEASES_KEY], args=[job_id])
+        if not reply:
+            return None
+        outcome, job = _text(reply[0]), _decode_hash(reply[1])
+        if outcome == "cancelled":
+            self._publish(job, "state")
             for dependent in self.take_dependents(job_id):
                 self.cancel(dependent)
-        if job is None or applied:
-            return job
-        flagged, _ = self._apply(job_id, ("running",), {"cancel_requested": True}, event="progress")
-        return flagged
+        elif outcome == "flagged":
+            self._publish(job, "progress")
+        return job
 
     # -- dependencies (a job that waits for another, e.g. extend after encoding an upload) ----
 

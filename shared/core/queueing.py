@@ -9,21 +9,23 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
+from shared.core.broker import TRANSPORT
 from shared.core.config import Settings
 from shared.core.jobs import Job
 from shared.core.jobtypes import QUEUES, job_type
 
 TASK_NAME = "heartcluster.run_job"
-# Redis redelivers an unacknowledged message after the visibility timeout; it must outlast the
-# longest job, or a healthy long job would run twice.
-VISIBILITY_MARGIN_S = 600
-# On stop, running tasks get this long to finish before a cold shutdown puts them back on the
-# queue (workers started with REMAP_SIGTERM=SIGQUIT turn SIGTERM into that soft → cold path).
-SOFT_SHUTDOWN_S = 10.0
+# Redis redelivers a message that was delivered but not acknowledged after the visibility
+# timeout. Leases make a redelivery harmless (the runner drops a message of a job that another
+# worker holds or that has ended), so the timeout can be short: it only brings back messages
+# that a worker took and died with before starting them. Every live worker sweeps for them.
+REDELIVERY_LEASES = 2  # visibility timeout, in lease periods
+# Sending a task while Redis is away: a few quick retries, then the caller answers 503.
+PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1}
 
 
 def visibility_timeout_s(settings: Settings) -> int:
-    return settings.job_time_limit_s + VISIBILITY_MARGIN_S
+    return max(1, round(REDELIVERY_LEASES * settings.lease_s))
 
 
 def make_celery(settings: Settings, main: str = "heartcluster") -> Celery:
@@ -32,7 +34,15 @@ def make_celery(settings: Settings, main: str = "heartcluster") -> Celery:
     Workers additionally pass `--statedb` so revoked ids survive a restart.
     """
     app = Celery(main, broker=settings.redis_url, backend=settings.redis_url)
-    transport = {"visibility_timeout": visibility_timeout_s(settings)}
+    app.conf.broker_transport = TRANSPORT  # Redis, without the restore that crashes on outages
+    transport = {
+        "visibility_timeout": visibility_timeout_s(settings),
+        "unacked_restore_interval": max(1, round(settings.heartbeat_s)),
+        "unacked_restore_throttle": 1,
+        # no call may hang while Redis is away
+        "socket_timeout": settings.redis_timeout_s,
+        "socket_connect_timeout": settings.redis_timeout_s,
+    }
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -45,8 +55,14 @@ def make_celery(settings: Settings, main: str = "heartcluster") -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
-        worker_soft_shutdown_timeout=SOFT_SHUTDOWN_S,
+        # a Redis restart must not stop running jobs: their leases (renewed once Redis is back)
+        # say who runs them, and a duplicate delivery is dropped by the runner
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        # stop = warm shutdown; the runner hands running jobs back (the thread pool cannot
+        # kill a task, so a soft/cold shutdown would crash)
+        worker_soft_shutdown_timeout=0.0,
+        task_publish_retry_policy=PUBLISH_RETRY,
+        broker_connection_timeout=settings.redis_timeout_s,
         task_track_started=True,
         task_time_limit=settings.job_time_limit_s,
         broker_transport_options=transport,

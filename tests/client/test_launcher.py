@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import stat
 from pathlib import Path
 
@@ -12,13 +13,14 @@ import redis
 from api.client.launcher import (
     LaunchError,
     free_port,
+    private_redis,
     redis_answers,
     start_redis,
     stop_processes,
     worker_command,
     worker_env,
 )
-from api.client.local_cluster import local_api_key
+from api.client.local_cluster import LocalCluster, local_api_key
 from shared.core.config import Settings
 from shared.core.tenants import TenantStore
 
@@ -50,10 +52,10 @@ def test_unknown_worker_kind_is_refused(tmp_path: Path) -> None:
         worker_command("tpu", tmp_path, concurrency=1)
 
 
-def test_worker_env_soft_shutdown_and_cpu_device() -> None:
-    base = {"HEARTCLUSTER_DEVICE": "cuda", "PYTHONPATH": "/elsewhere"}
+def test_worker_env_warm_shutdown_and_cpu_device() -> None:
+    base = {"HEARTCLUSTER_DEVICE": "cuda", "PYTHONPATH": "/elsewhere", "REMAP_SIGTERM": "SIGQUIT"}
     gpu, cpu = worker_env("gpu", base), worker_env("cpu", base)
-    assert gpu["REMAP_SIGTERM"] == cpu["REMAP_SIGTERM"] == "SIGQUIT"
+    assert "REMAP_SIGTERM" not in gpu and "REMAP_SIGTERM" not in cpu  # SIGTERM stays warm
     assert gpu["HEARTCLUSTER_DEVICE"] == "cuda" and cpu["HEARTCLUSTER_DEVICE"] == "cpu"
     root = str(Path(__file__).resolve().parents[2])
     assert gpu["PYTHONPATH"].split(":") == [root, "/elsewhere"]
@@ -93,3 +95,37 @@ def test_local_api_key_is_kept_while_redis_knows_it(redis_url: str, tmp_path: Pa
     renewed = local_api_key(settings, path)
     assert renewed != key and path.read_text().strip() == renewed
     client.close()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
+def test_each_data_dir_has_its_own_persistent_redis(tmp_path: Path) -> None:
+    first_url, first = private_redis(tmp_path / "a")
+    second_url, second = private_redis(tmp_path / "b")
+    try:
+        assert first is not None and second is not None and first_url != second_url
+        # another `up`/`demo` on the same data dir is the same cluster: it shares that Redis
+        assert private_redis(tmp_path / "a") == (first_url, None)
+        # a stale port file naming another data dir's Redis is not trusted
+        (tmp_path / "c" / "redis").mkdir(parents=True)
+        (tmp_path / "c" / "redis" / "port").write_text(second_url.split(":")[-1].split("/")[0])
+        third_url, third = private_redis(tmp_path / "c")
+        assert third is not None and third_url not in (first_url, second_url)
+        stop_processes([third])
+        client = redis.Redis.from_url(first_url, decode_responses=True)
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        client.set("only-in-a", 1)
+        assert redis.Redis.from_url(second_url).get("only-in-a") is None
+        client.close()
+    finally:
+        stop_processes([first, second])
+
+
+def test_up_refuses_a_busy_port_before_doing_anything(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cluster = LocalCluster(tmp_path / "data", port=port, env={}, log=lambda *_: None)
+        with pytest.raises(LaunchError, match=f"port {port} on 127.0.0.1 is in use"):
+            cluster.start()
+    assert not (tmp_path / "data").exists() and cluster.processes == {}

@@ -99,3 +99,16 @@ def test_settings_are_frozen() -> None:
     settings = Settings.from_env({})
     with pytest.raises(AttributeError):
         settings.max_tags = 3  # type: ignore[misc]
+
+
+def test_lease_periods_are_read_and_a_lease_must_outlive_missed_beats() -> None:
+    settings = Settings.from_env(
+        {
+            "HEARTCLUSTER_LEASE_S": "3",
+            "HEARTCLUSTER_HEARTBEAT_S": "1",
+            "HEARTCLUSTER_STOP_GRACE_S": "0",
+        }
+    )
+    assert (settings.lease_s, settings.heartbeat_s, settings.stop_grace_s) == (3.0, 1.0, 0.0)
+    with pytest.raises(SettingsError, match="HEARTCLUSTER_LEASE_S=2.0 must be at least 3 x"):
+        Settings.from_env({"HEARTCLUSTER_LEASE_S": "2", "HEARTCLUSTER_HEARTBEAT_S": "1"})

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
-from shared.core.jobs import Job, JobStore, Upload, UploadStore
+from shared.core.jobs import BUSY, STARTED, TERMINAL, Job, JobStore, Upload, UploadStore, job_key
 
 
 @pytest.fixture
@@ -244,3 +245,122 @@ def test_uploads_are_per_tenant(redis_client) -> None:
     assert uploads.get("u2") is None
     with pytest.raises(ValueError, match="exists"):
         uploads.create(upload)
+
+
+# -- leases ------------------------------------------------------------------------------------
+
+SHORT_LEASE_S = 0.2
+
+
+def expire(store: JobStore) -> None:
+    """Let the leases of these jobs lapse (the worker holding them stopped renewing)."""
+    time.sleep(SHORT_LEASE_S + 0.05)
+
+
+def test_a_live_lease_keeps_other_workers_off(store: JobStore) -> None:
+    job = store.create(make_job())
+    outcome, running, lease = store.acquire(job.id, "w1", 30, 3)
+    assert outcome == STARTED and lease is not None
+    assert running.worker == "w1" and running.lease_id == lease.lease_id and running.attempts == 1
+    assert store.acquire(job.id, "w2", 30, 3)[0] == BUSY
+    assert store.get(job.id).attempts == 1
+    assert store.succeed(job.id, ["a"], lease_id="someone-else") is None
+    assert store.fail(job.id, "x", "y", lease_id="someone-else") is None
+    assert store.mark_cancelled(job.id, lease_id="someone-else") is None
+    assert store.succeed(job.id, ["a"], lease_id=lease.lease_id).state == "succeeded"
+    assert store.acquire(job.id, "w2", 30, 3)[0] == TERMINAL
+    assert store.reap(3) == []
+
+
+def test_an_expired_lease_is_reaped_once_and_fences_its_worker_out(store: JobStore) -> None:
+    job = store.create(make_job())
+    _, _, old = store.acquire(job.id, "w1", SHORT_LEASE_S, 3)
+    expire(store)
+    assert store.renew([old], SHORT_LEASE_S) == []  # nobody took it yet: renewing is fine
+    expire(store)
+    [(outcome, requeued)] = store.reap(3)
+    assert outcome == "requeued" and requeued.state == "queued" and requeued.attempts == 1
+    assert requeued.lease_id is None and requeued.worker is None
+    assert store.reap(3) == []
+    _, _, new = store.acquire(job.id, "w2", 30, 3)
+    assert store.get(job.id).attempts == 2
+    assert store.renew([old, new], 30) == [job.id]  # the old worker learns it lost the job
+    assert store.succeed(job.id, ["stale"], lease_id=old.lease_id) is None
+    assert store.succeed(job.id, ["fresh"], lease_id=new.lease_id).artifacts == ["fresh"]
+
+
+def test_the_attempt_cap_and_a_pending_cancel_end_reaped_jobs(store: JobStore) -> None:
+    poison, flagged = store.create(make_job()), store.create(make_job())
+    for _ in range(2):
+        store.acquire(poison.id, "w", SHORT_LEASE_S, 2)
+        expire(store)
+        store.reap(2)
+    store.acquire(flagged.id, "w", SHORT_LEASE_S, 2)
+    store._redis.hset(job_key(flagged.id), "cancel_requested", "true")  # asked, worker dead
+    expire(store)
+    outcomes = {job.id: (outcome, job.state) for outcome, job in store.reap(2)}
+    assert outcomes == {flagged.id: ("cancelled", "cancelled")}
+    final = store.get(poison.id)
+    assert final.state == "failed" and final.error["code"] == "too_many_attempts"
+    assert final.attempts == 2
+    assert store.acquire(poison.id, "w", 30, 2)[0] == TERMINAL
+
+
+def test_acquire_at_the_cap_fails_the_job(store: JobStore) -> None:
+    job = store.create(make_job())
+    store.acquire(job.id, "w1", SHORT_LEASE_S, 1)
+    expire(store)
+    outcome, failed, lease = store.acquire(job.id, "w2", 30, 1)
+    assert outcome == "too_many_attempts" and lease is None
+    assert failed.error["code"] == "too_many_attempts" and "MAX_ATTEMPTS=1" in failed.message
+
+
+def test_concurrent_reapers_take_each_job_once(store: JobStore) -> None:
+    jobs = [store.create(make_job()) for _ in range(30)]
+    for job in jobs:
+        store.acquire(job.id, "dead", SHORT_LEASE_S, 3)
+    expire(store)
+    results: list[list[str]] = []
+    barrier = threading.Barrier(4)
+
+    def reaper() -> None:
+        barrier.wait()
+        results.append([job.id for _, job in store.reap(3, limit=7)] + reap_all(store))
+
+    threads = [threading.Thread(target=reaper) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    reaped = [job_id for result in results for job_id in result]
+    assert sorted(reaped) == sorted(job.id for job in jobs)
+    assert {store.get(job.id).state for job in jobs} == {"queued"}
+
+
+def reap_all(store: JobStore) -> list[str]:
+    reaped: list[str] = []
+    while batch := store.reap(3, limit=7):
+        reaped += [job.id for _, job in batch]
+    return reaped
+
+
+def test_cancel_ends_a_job_whose_worker_is_gone_at_once(store: JobStore) -> None:
+    live, lost = store.create(make_job()), store.create(make_job())
+    store.acquire(live.id, "w1", 30, 3)
+    store.acquire(lost.id, "w2", SHORT_LEASE_S, 3)
+    expire(store)
+    assert store.cancel(live.id).state == "running"
+    cancelled = store.cancel(lost.id)
+    assert cancelled.state == "cancelled" and cancelled.finished_at
+    assert store.reap(3) == []
+
+
+def test_hand_back_requeues_without_counting_the_attempt(store: JobStore) -> None:
+    job = store.create(make_job())
+    _, _, lease = store.acquire(job.id, "w1", 30, 3)
+    queued = store.hand_back(lease)
+    assert queued.state == "queued" and queued.attempts == 0 and queued.lease_id is None
+    assert store.hand_back(lease) is None  # no longer held
+    _, _, again = store.acquire(job.id, "w2", 30, 3)
+    assert store.get(job.id).attempts == 1
+    assert store.hand_back(lease) is None and store.get(job.id).lease_id == again.lease_id

@@ -35,10 +35,19 @@ def test_reliability_settings(settings: Settings) -> None:
     conf = make_celery(settings).conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.worker_prefetch_multiplier == 1
-    assert conf.worker_cancel_long_running_tasks_on_connection_loss
+    # a Redis restart must not cancel running jobs (their leases say who runs them), and a stop
+    # is a warm shutdown (the thread pool cannot kill a task in a soft/cold one)
+    assert not conf.worker_cancel_long_running_tasks_on_connection_loss
+    assert conf.worker_soft_shutdown_timeout == 0
+    transport = conf.broker_transport_options
+    assert transport["socket_timeout"] == transport["socket_connect_timeout"] > 0
+    assert conf.task_publish_retry_policy["max_retries"] <= 3
     assert conf.task_track_started
-    assert visibility_timeout_s(settings) > settings.job_time_limit_s
+    # leases make redelivery harmless, so a message a dead worker took comes back within
+    # seconds (swept every heartbeat), not after the longest job
+    assert visibility_timeout_s(settings) == 2 * settings.lease_s < settings.job_time_limit_s
     assert conf.broker_transport_options["visibility_timeout"] == visibility_timeout_s(settings)
+    assert conf.broker_transport_options["unacked_restore_interval"] == settings.heartbeat_s
     assert conf.result_backend_transport_options["visibility_timeout"] == visibility_timeout_s(
         settings
     )

@@ -22,7 +22,7 @@ from flask import Flask
 from api.client.launcher import worker_command
 from api.gateway.routes.health import bp as health_bp
 from shared.core.config import PREFIX, Settings
-from shared.core.queueing import SOFT_SHUTDOWN_S, TASK_NAME, make_celery
+from shared.core.queueing import TASK_NAME, make_celery
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -247,9 +247,9 @@ def test_workers_match_their_image_and_hardware(name: str) -> None:
     else:  # gpu and train: one GPU per pod, the CUDA image
         assert device == "cuda" and gpus == 1
     assert f"{PREFIX}DEVICE" not in _settings_env(), "would override the image's device"
-    # warm shutdown: the soft-shutdown wait and the hand-back of running jobs must fit
+    # warm shutdown: the stop grace (short jobs finish) and the hand-back of running jobs fit
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace >= 2 * SOFT_SHUTDOWN_S
+    assert grace >= 2 * Settings().stop_grace_s
 
 
 def test_gateway_runs_its_image_command_and_probes_the_health_routes() -> None:
