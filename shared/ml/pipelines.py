@@ -21,6 +21,7 @@ from shared.core.inpaint import (
     splice_audio,
     splice_tokens,
 )
+from shared.core.progress import share_of
 from shared.core.tokens import InputError, check_tokens
 from shared.ml.codec.decoder import DecodeAborted, HeartCodecDecoder
 from shared.ml.codec.encoder import EncodingAborted, HeartCodecEncoder
@@ -99,13 +100,9 @@ def _generate_tokens(
     should_abort: AbortCheck,
 ) -> GenerationResult:
     """New frames from the batched engine; progress covers the generating share."""
-    total = request.frames
-    progress("generating", 0.0, 0, total)
-
-    def on_frames(done: int, requested: int) -> None:
-        progress("generating", GENERATE_SHARE * done / requested, done, requested)
-
-    result = engine.submit(request, on_progress=on_frames, should_abort=should_abort).result()
+    generating = share_of(progress, 0.0, GENERATE_SHARE)
+    generating("generating", 0.0, 0, request.frames)
+    result = engine.submit(request, on_progress=generating, should_abort=should_abort).result()
     if result.finish_reason == "aborted":
         raise PipelineAborted
     if result.tokens.shape[1] == 0:
