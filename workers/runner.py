@@ -22,6 +22,7 @@ from shared.core.config import Settings
 from shared.core.inpaint import GapError, plan_gap
 from shared.core.jobs import Job, JobStore, Upload, UploadStore
 from shared.core.lyrics import to_lrc, to_srt
+from shared.core.progress import AbortCheck, Aborted, Progress, share_of
 from shared.core.schemas import (
     AUDIO_ARTIFACTS,
     DecodeParams,
@@ -36,15 +37,12 @@ from shared.core.tokens import InputError, read_tokens, tokens_bytes
 from shared.ml.generation.engine import GenerationRequest, RequestError
 from shared.ml.pipelines import (
     NothingGenerated,
-    PipelineAborted,
-    Progress,
     Song,
     decode_tokens,
     generate_song,
     inpaint_song,
     tokenize_audio,
 )
-from shared.ml.transcribe import TranscriptionAborted
 from workers.models import WorkerModels
 from workers.progress import ProgressReporter
 
@@ -56,7 +54,7 @@ TRANSCRIPT = "transcript.json"
 # How often a running job asks Redis whether it was cancelled (the engine asks every frame).
 CANCEL_POLL_S = 0.1
 # Progress share of the pipeline; uploading takes the rest.
-PIPELINE_SHARE = 95.0
+PIPELINE_SHARE = 0.95
 
 
 @dataclass
@@ -111,7 +109,7 @@ class JobRunner:
         self.models = models
         self.uploads = uploads
         self._context = {"settings": settings}  # the limits params are validated against
-        self._pipelines: dict[str, Callable[[Job, ProgressReporter, Callable[[], bool]], Output]]
+        self._pipelines: dict[str, Callable[[Job, Progress, AbortCheck], Output]]
         self._pipelines = {
             "generate": self._generate,
             "decode": self._decode,
@@ -206,16 +204,16 @@ class JobRunner:
 
         try:
             with ProgressReporter(self.jobs, job.id) as progress:
-                output = pipeline(job, progress, should_abort)
-                progress.update("uploading", PIPELINE_SHARE)
+                output = pipeline(job, share_of(progress, 0.0, PIPELINE_SHARE), should_abort)
+                progress("uploading", PIPELINE_SHARE)
                 if should_abort():
-                    raise PipelineAborted
+                    raise Aborted("aborted before uploading")
                 names = self._write_artifacts(job, output)
-                progress.update("uploading", 100.0)
+                progress("uploading", 1.0)
             if should_abort():
-                raise PipelineAborted
+                raise Aborted("aborted after uploading")
             self.jobs.succeed(job.id, names)
-        except PipelineAborted:
+        except Aborted:
             if timed_out:
                 limit = self.settings.job_time_limit_s
                 self._end_failed(
@@ -262,13 +260,6 @@ class JobRunner:
 
     # ----- pipelines --------------------------------------------------------------------------
 
-    @staticmethod
-    def _report(progress: ProgressReporter) -> Progress:
-        def report(stage: str, fraction: float, done: int | None = None, total: int | None = None):
-            progress.update(stage, PIPELINE_SHARE * fraction, done, total)
-
-        return report
-
     def _song_output(self, params: _SongParams, seed: int, song: Song, **extra: object) -> Output:
         return Output(
             files={
@@ -286,9 +277,7 @@ class JobRunner:
             },
         )
 
-    def _generate(
-        self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]
-    ) -> Output:
+    def _generate(self, job: Job, progress: Progress, should_abort: AbortCheck) -> Output:
         params = GenerateParams.model_validate(job.params, context=self._context)
         seed = job_seed(job, params.seed)
         song = generate_song(
@@ -296,14 +285,12 @@ class JobRunner:
             self.models.codec(),
             self.models.codec_lock,
             _request(params, seed),
-            self._report(progress),
+            progress,
             should_abort,
         )
         return self._song_output(params, seed, song)
 
-    def _extend(
-        self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]
-    ) -> Output:
+    def _extend(self, job: Job, progress: Progress, should_abort: AbortCheck) -> Output:
         """Parent tokens + new frames, decoded whole. An uploaded song was encoded first by
         the parent encode job this one waited for."""
         params = ExtendParams.model_validate(job.params, context=self._context)
@@ -316,16 +303,14 @@ class JobRunner:
             self.models.codec(),
             self.models.codec_lock,
             _request(params, seed, history=parent),
-            self._report(progress),
+            progress,
             should_abort,
         )
         return self._song_output(
             params, seed, song, parent_job_id=parent_id, parent_frames=int(parent.shape[1])
         )
 
-    def _inpaint(
-        self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]
-    ) -> Output:
+    def _inpaint(self, job: Job, progress: Progress, should_abort: AbortCheck) -> Output:
         params = InpaintParams.model_validate(job.params, context=self._context)
         tokens = self._job_tokens(job, params.source_job_id, "source_job_id")
         audio = self._job_audio(job, params.source_job_id)
@@ -339,7 +324,7 @@ class JobRunner:
             audio,
             gap,
             _request(params, seed),
-            self._report(progress),
+            progress,
             should_abort,
         )
         return self._song_output(
@@ -350,20 +335,18 @@ class JobRunner:
             gap_frames=[gap.start, gap.stop],
         )
 
-    def _decode(
-        self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]
-    ) -> Output:
+    def _decode(self, job: Job, progress: Progress, should_abort: AbortCheck) -> Output:
         params = DecodeParams.model_validate(job.params, context=self._context)
         tokens = self._decode_source(job, params)
         seed = job_seed(job, params.seed)
-        progress.update("decoding", 0.0, 0, tokens.shape[1])
+        progress("decoding", 0.0, 0, tokens.shape[1])
         audio = decode_tokens(
             self.models.codec(),
             tokens,
             seed=seed,
             steps=params.steps,
             lock=self.models.codec_lock,
-            on_fraction=lambda f: progress.update("decoding", PIPELINE_SHARE * f),
+            progress=progress,
             should_abort=should_abort,
         )
         return Output(
@@ -408,12 +391,10 @@ class JobRunner:
             raise InputError("source_job_id", f"{name} is not {SAMPLE_RATE} Hz stereo")
         return audio
 
-    def _encode(
-        self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]
-    ) -> Output:
+    def _encode(self, job: Job, progress: Progress, should_abort: AbortCheck) -> Output:
         params = EncodeParams.model_validate(job.params, context=self._context)
         upload = self._upload(job, params.upload_id, "upload_id", "audio")
-        progress.update("encoding", 0.0)
+        progress("encoding", 0.0)
         audio, sample_rate = read_audio(
             self.objects.get_bytes(upload.key), self.settings.max_upload_seconds, "upload_id"
         )
@@ -421,7 +402,7 @@ class JobRunner:
             self.models.encoder(),
             audio,
             sample_rate,
-            on_fraction=lambda f: progress.update("encoding", PIPELINE_SHARE * f),
+            progress=progress,
             should_abort=should_abort,
         )
         return Output(
@@ -433,9 +414,7 @@ class JobRunner:
             },
         )
 
-    def _transcribe(
-        self, job: Job, progress: ProgressReporter, should_abort: Callable[[], bool]
-    ) -> Output:
+    def _transcribe(self, job: Job, progress: Progress, should_abort: AbortCheck) -> Output:
         """transcript.json (text, timed segments, words where the model gives them) plus
         lyrics.lrc and lyrics.srt for karaoke display."""
         params = TranscribeParams.model_validate(job.params, context=self._context)
@@ -450,19 +429,10 @@ class JobRunner:
         audio, rate = read_audio(
             self.objects.get_bytes(key), self.settings.max_upload_seconds, field
         )
-        progress.update("transcribing", 0.0)
-        try:
-            transcript = self.models.transcriber().transcribe(
-                audio,
-                rate,
-                language=params.language,
-                on_progress=lambda done, total: progress.update(
-                    "transcribing", PIPELINE_SHARE * done / total
-                ),
-                should_abort=should_abort,
-            )
-        except TranscriptionAborted as error:
-            raise PipelineAborted from error
+        progress("transcribing", 0.0)
+        transcript = self.models.transcriber().transcribe(
+            audio, rate, language=params.language, on_progress=progress, should_abort=should_abort
+        )
         return Output(
             files={
                 TRANSCRIPT: json.dumps(transcript.to_json(), indent=2).encode(),

@@ -49,13 +49,10 @@ def _decode_to_file(
     """Decode with a progress bar (shared by `decode` and `generate`)."""
     from tqdm import tqdm
 
+    from shared.core.progress import percent_bar
     from shared.ml.codec.export import decode_to_file
 
     with tqdm(total=100, unit="%", desc="decode", file=sys.stderr) as bar:
-
-        def progress(fraction: float) -> None:
-            bar.update(round(fraction * 100) - bar.n)
-
         decode_to_file(
             decoder,
             codes,
@@ -64,7 +61,7 @@ def _decode_to_file(
             guidance=args.guidance,
             seed=args.seed,
             loop_padding=not args.no_loop_padding,
-            on_progress=progress,
+            on_progress=percent_bar(bar),
         )
 
 
@@ -193,6 +190,7 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
 
     from shared.core.audio import read_audio
     from shared.core.lyrics import to_lrc, to_srt
+    from shared.core.progress import percent_bar
     from shared.ml.transcribe import load_transcriber
 
     try:
@@ -205,14 +203,9 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
         )
-        with tqdm(unit="chunk", desc="transcribe", file=sys.stderr) as bar:
-
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-
+        with tqdm(total=100, unit="%", desc="transcribe", file=sys.stderr) as bar:
             transcript = transcriber.transcribe(
-                audio, rate, language=args.language, on_progress=progress
+                audio, rate, language=args.language, on_progress=percent_bar(bar)
             )
     except ValueError as error:  # AudioError, CheckpointError, an unknown language
         print(f"error: {error}", file=sys.stderr)
