@@ -20,6 +20,15 @@ if TYPE_CHECKING:
     from shared.ml.codec.decoder import HeartCodecDecoder
 
 TOKENS_SUFFIX = ".npy"
+# The generate option behind each field an engine RequestError can name.
+REQUEST_OPTIONS = {
+    "duration_s": "--duration",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "cfg_scale": "--cfg-scale",
+    "seed": "--seed",
+    "history": "--history",
+}
 
 
 def _cmd_models_tiny(args: argparse.Namespace) -> int:
@@ -95,16 +104,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from shared.ml.models.checkpoint import CheckpointError
 
     decoder = None
-    try:
-        if args.tokens_out and not _is_tokens(args.tokens_out):
-            raise AudioError(f"--tokens-out must end in {TOKENS_SUFFIX}, got {args.tokens_out}")
-        if not _is_tokens(args.out):
-            format_for_path(args.out)
-            # Load the codec first, so a missing codec fails before minutes of generation.
-            decoder = _load_decoder(args)
-    except (AudioError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     history = np.load(args.history) if args.history else None
     request = GenerationRequest(
         tags=args.tags,
@@ -117,10 +116,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         history=history,
     )
     try:
+        request.validate()  # bad options fail before any model loads
+        if args.tokens_out and not _is_tokens(args.tokens_out):
+            raise AudioError(f"--tokens-out must end in {TOKENS_SUFFIX}, got {args.tokens_out}")
+        if not _is_tokens(args.out):
+            format_for_path(args.out)
+            # Load the codec first, so a missing codec fails before minutes of generation.
+            decoder = _load_decoder(args)
         tokens, result = generate_tokens(
             Path(args.model_dir), request, args.model_version, args.device, args.dtype
         )
     except RequestError as error:
+        option = REQUEST_OPTIONS.get(error.field, error.field)
+        print(f"error: {option} ({error.field}): {error.message}", file=sys.stderr)
+        return 2
+    except (AudioError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(

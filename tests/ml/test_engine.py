@@ -172,6 +172,8 @@ def test_context_overflow_is_refused_before_any_work(engine: GenerationEngine) -
         ({"temperature": 0.0}, "temperature"),
         ({"top_k": 0}, "top_k"),
         ({"cfg_scale": float("nan")}, "cfg_scale"),
+        ({"cfg_scale": 0.5}, "cfg_scale"),
+        ({"cfg_scale": 0.0}, "cfg_scale"),
         ({"seed": -1}, "seed"),
         ({"history": np.zeros((7, 4), dtype=np.int64)}, "history"),
         ({"history": np.full((8, 4), CODEC_CODES)}, "history"),

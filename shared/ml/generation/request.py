@@ -35,7 +35,7 @@ class GenerationRequest:
     duration_s: float = 120.0
     temperature: float = 1.0
     top_k: int = 50
-    cfg_scale: float = 1.5
+    cfg_scale: float = 1.5  # 1.0: unguided (one batch row); above 1: guided (two rows)
     seed: int = 0
     history: np.ndarray | None = None  # [8, T] codes to continue from
     stop_at_eos: bool = True  # False: audio EOS is never sampled, every frame is filled
@@ -59,8 +59,12 @@ class GenerationRequest:
             raise RequestError("temperature", "must be a positive number")
         if self.top_k < 1:
             raise RequestError("top_k", "must be at least 1")
-        if not (math.isfinite(self.cfg_scale) and self.cfg_scale > 0):
-            raise RequestError("cfg_scale", "must be a positive number")
+        if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 1.0):
+            # Below 1 leans towards the unconditional logits, which the reference never does
+            # (it samples cfg <= 1 unguided): refused rather than silently reinterpreted.
+            raise RequestError(
+                "cfg_scale", f"must be at least 1 (1 means no guidance), got {self.cfg_scale}"
+            )
         if not 0 <= self.seed < 2**63:
             raise RequestError("seed", "must be in [0, 2**63)")
         if self.history is not None:
