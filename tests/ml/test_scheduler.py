@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from shared.core.constants import AUDIO_EOS_ID, NUM_CODEBOOKS
 from shared.ml.generation.plan import StepOutput, StepPlan
 from shared.ml.generation.request import (
     ContextOverflowError,
@@ -21,8 +22,8 @@ from shared.ml.generation.request import (
 from shared.ml.generation.scheduler import Scheduler
 from shared.ml.models.prompt import Prompt
 
-EOS = 8193
-BOOKS = 8
+EOS = AUDIO_EOS_ID
+BOOKS = NUM_CODEBOOKS
 PROMPT = Prompt(
     tokens=torch.zeros(6, BOOKS + 1, dtype=torch.int64),
     mask=torch.zeros(6, BOOKS + 1, dtype=torch.bool),
