@@ -23,6 +23,7 @@ from shared.core.jobs import Job
 from shared.core.jobtypes import JOB_TYPES
 from shared.core.lyrics import to_lrc, to_srt
 from shared.core.preview import render_preview
+from shared.core.progress import AbortCheck, Progress
 from shared.core.schemas import (
     AUDIO_ARTIFACTS,
     DecodeParams,
@@ -37,20 +38,13 @@ from shared.core.storage import PREVIEW, TOKENS
 from shared.core.tokens import InputError, read_tokens, tokens_bytes
 from shared.ml.generation.engine import GenerationRequest
 from shared.ml.pipelines import (
-    PipelineAborted,
-    Progress,
     Song,
     decode_tokens,
     generate_song,
     inpaint_song,
     tokenize_audio,
 )
-from shared.ml.transcribe import TranscriptionAborted
 from workers.models import WorkerModels
-from workers.progress import ProgressReporter
-
-# Progress share of the pipeline; uploading the artifacts takes the rest.
-PIPELINE_SHARE = 95.0
 
 
 @dataclass
@@ -71,23 +65,12 @@ class JobContext:
     models: WorkerModels
     resolver: InputResolver
     settings: Settings
-    progress: ProgressReporter
-    should_abort: Callable[[], bool]
+    progress: Progress  # this handler's share of the job's progress, 0-1
+    should_abort: AbortCheck
 
     @property
     def seed(self) -> int:
         return job_seed(self.job, getattr(self.params, "seed", None))
-
-    def report(self) -> Progress:
-        """The pipelines' progress callback, scaled to the pipeline's share of the job."""
-
-        def report(stage: str, fraction: float, done: int | None = None, total: int | None = None):
-            self.progress.update(stage, PIPELINE_SHARE * fraction, done, total)
-
-        return report
-
-    def fraction(self, stage: str) -> Callable[[float], None]:
-        return lambda f: self.progress.update(stage, PIPELINE_SHARE * f)
 
 
 Handler = Callable[[JobContext], Output]
@@ -167,7 +150,7 @@ def generate(ctx: JobContext) -> Output:
         models.codec(),
         models.codec_lock,
         _request(params, ctx.seed),
-        ctx.report(),
+        ctx.progress,
         ctx.should_abort,
     )
     return _song_output(ctx, song)
@@ -191,7 +174,7 @@ def extend(ctx: JobContext) -> Output:
         models.codec(),
         models.codec_lock,
         _request(params, ctx.seed, history=history),
-        ctx.report(),
+        ctx.progress,
         ctx.should_abort,
     )
     return _song_output(ctx, song, parent_job_id=parent.id, parent_frames=int(history.shape[1]))
@@ -214,7 +197,7 @@ def inpaint(ctx: JobContext) -> Output:
         audio,
         gap,
         _request(params, ctx.seed),
-        ctx.report(),
+        ctx.progress,
         ctx.should_abort,
     )
     return _song_output(ctx, song, parent_job_id=parent.id, gap_frames=[gap.start, gap.stop])
@@ -242,14 +225,14 @@ def decode(ctx: JobContext) -> Output:
     else:
         upload = ctx.inputs.uploads["tokens_upload_id"]
         tokens = read_tokens(ctx.resolver.upload_bytes(upload), "tokens_upload_id")
-    ctx.progress.update("decoding", 0.0, 0, tokens.shape[1])
+    ctx.progress("decoding", 0.0, 0, tokens.shape[1])
     audio = decode_tokens(
         ctx.models.codec(),
         tokens,
         seed=ctx.seed,
         steps=params.steps,
         lock=ctx.models.codec_lock,
-        on_fraction=ctx.fraction("decoding"),
+        progress=ctx.progress,
         should_abort=ctx.should_abort,
     )
     return Output(
@@ -272,7 +255,7 @@ def encode(ctx: JobContext) -> Output:
     params = ctx.params
     assert isinstance(params, EncodeParams)
     upload = ctx.inputs.uploads["upload_id"]
-    ctx.progress.update("encoding", 0.0)
+    ctx.progress("encoding", 0.0)
     audio, sample_rate = read_audio(
         ctx.resolver.upload_bytes(upload), ctx.settings.max_upload_seconds, "upload_id"
     )
@@ -280,7 +263,7 @@ def encode(ctx: JobContext) -> Output:
         ctx.models.encoder(),
         audio,
         sample_rate,
-        on_fraction=ctx.fraction("encoding"),
+        progress=ctx.progress,
         should_abort=ctx.should_abort,
     )
     return Output(
@@ -309,19 +292,14 @@ def transcribe(ctx: JobContext) -> Output:
         field = "source_job_id"
         _, data = ctx.resolver.artifact(ctx.inputs.jobs[field], AUDIO_ARTIFACTS)
     audio, rate = read_audio(data, ctx.settings.max_upload_seconds, field)
-    ctx.progress.update("transcribing", 0.0)
-    try:
-        transcript = ctx.models.transcriber().transcribe(
-            audio,
-            rate,
-            language=params.language,
-            on_progress=lambda done, total: ctx.progress.update(
-                "transcribing", PIPELINE_SHARE * done / total
-            ),
-            should_abort=ctx.should_abort,
-        )
-    except TranscriptionAborted as error:
-        raise PipelineAborted from error
+    ctx.progress("transcribing", 0.0)
+    transcript = ctx.models.transcriber().transcribe(
+        audio,
+        rate,
+        language=params.language,
+        on_progress=ctx.progress,
+        should_abort=ctx.should_abort,
+    )
     return Output(
         files={
             "transcript.json": json.dumps(transcript.to_json(), indent=2).encode(),

@@ -1,8 +1,10 @@
 """Throttled progress reporting: pipelines call it every frame, Redis sees it twice a second.
 
-Callbacks only record the latest state in memory; a background thread writes it to the job
-store every `interval` seconds (even when nothing moved, so watchers see the job alive at least
-once a second), and a stage change is written at once.
+A ProgressReporter is a shared.core.progress.Progress: the pipelines call it directly with the
+fraction (0–1) of the job done. Calls only record the latest state in memory; a background
+thread writes it to the job store as a percentage every `interval` seconds (even when nothing
+moved, so watchers see the job alive at least once a second), and a stage change is written at
+once.
 """
 
 from __future__ import annotations
@@ -43,17 +45,18 @@ class ProgressReporter:
         self._stop.set()
         self._thread.join()
 
-    def update(
+    def __call__(
         self,
         stage: str,
-        percent: float,
+        fraction: float,
         frames_done: int | None = None,
         frames_total: int | None = None,
     ) -> None:
-        """Record the latest progress (0–100); a new stage is written to the store at once."""
+        """Record the latest progress (0–1 of the job); a new stage is written at once."""
+        percent = min(max(100.0 * fraction, 0.0), 100.0)
         with self._lock:
             new_stage = stage != self._state.stage
-            self._state = _State(min(max(percent, 0.0), 100.0), stage, frames_done, frames_total)
+            self._state = _State(percent, stage, frames_done, frames_total)
         if new_stage:
             self._write()
 

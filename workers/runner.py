@@ -29,12 +29,13 @@ from shared.core.inputs import InputResolver
 from shared.core.jobs import Job, JobStore, Lease, UploadStore, new_id
 from shared.core.jobtypes import JOB_TYPES, parse_params
 from shared.core.outage import REDIS_ERRORS, Outage
+from shared.core.progress import Aborted, share_of
 from shared.core.schemas import invalid_request
 from shared.core.storage import METADATA, ObjectStore, artifact_key, content_type_for, job_prefix
 from shared.core.tokens import InputError
 from shared.ml.generation.engine import RequestError
-from shared.ml.pipelines import NothingGenerated, PipelineAborted
-from workers.handlers import HANDLERS, PIPELINE_SHARE, JobContext, Output
+from shared.ml.pipelines import NothingGenerated
+from workers.handlers import HANDLERS, JobContext, Output
 from workers.lease import LeaseKeeper
 from workers.models import WorkerModels
 from workers.progress import ProgressReporter
@@ -42,6 +43,8 @@ from workers.progress import ProgressReporter
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
+# Progress share of the handler; uploading the artifacts takes the rest.
+PIPELINE_SHARE = 0.95
 # How often a running job asks Redis whether it was cancelled (the engine asks every frame).
 CANCEL_POLL_S = 0.1
 
@@ -202,21 +205,21 @@ class JobRunner:
                     self.models,
                     self.inputs,
                     self.settings,
-                    progress,
+                    share_of(progress, 0.0, PIPELINE_SHARE),
                     should_abort,
                 )
                 output = HANDLERS[job.type](context)
-                progress.update("uploading", PIPELINE_SHARE)
+                progress("uploading", PIPELINE_SHARE)
                 # Fencing of the artifacts: write only right after renewing the lease (a write
                 # takes far less than a lease period); the succeed below is fenced in Redis.
                 if should_abort() or self._store(
                     lambda: self.jobs.renew([lease], self.settings.lease_s)
                 ):
                     reason = reason or "lease_lost"
-                    raise PipelineAborted
+                    raise Aborted("aborted before uploading")
                 names = self._write_artifacts(job, entry.artifact_names(params), output)
-                progress.update("uploading", 100.0)
-        except PipelineAborted:
+                progress("uploading", 1.0)
+        except Aborted:
             self._aborted(job, lease, reason)
             return
         except REDIS_ERRORS as error:  # inputs unreadable while Redis is away: run it later

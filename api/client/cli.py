@@ -21,6 +21,15 @@ if TYPE_CHECKING:
     from shared.ml.codec.decoder import HeartCodecDecoder
 
 TOKENS_SUFFIX = ".npy"
+# The generate option behind each field an engine RequestError can name.
+REQUEST_OPTIONS = {
+    "duration_s": "--duration",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "cfg_scale": "--cfg-scale",
+    "seed": "--seed",
+    "history": "--history",
+}
 
 
 def _cmd_models_tiny(args: argparse.Namespace) -> int:
@@ -62,13 +71,10 @@ def _decode_to_file(
     """Decode with a progress bar (shared by `decode` and `generate`)."""
     from tqdm import tqdm
 
+    from shared.core.progress import percent_bar
     from shared.ml.codec.export import decode_to_file
 
     with tqdm(total=100, unit="%", desc="decode", file=sys.stderr) as bar:
-
-        def progress(fraction: float) -> None:
-            bar.update(round(fraction * 100) - bar.n)
-
         decode_to_file(
             decoder,
             codes,
@@ -77,7 +83,7 @@ def _decode_to_file(
             guidance=args.guidance,
             seed=args.seed,
             loop_padding=not args.no_loop_padding,
-            on_progress=progress,
+            on_progress=percent_bar(bar),
         )
 
 
@@ -111,16 +117,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from shared.ml.models.checkpoint import CheckpointError
 
     decoder = None
-    try:
-        if args.tokens_out and not _is_tokens(args.tokens_out):
-            raise AudioError(f"--tokens-out must end in {TOKENS_SUFFIX}, got {args.tokens_out}")
-        if not _is_tokens(args.out):
-            format_for_path(args.out)
-            # Load the codec first, so a missing codec fails before minutes of generation.
-            decoder = _load_decoder(args)
-    except (AudioError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     history = np.load(args.history) if args.history else None
     request = GenerationRequest(
         tags=args.tags,
@@ -133,10 +129,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         history=history,
     )
     try:
+        request.validate()  # bad options fail before any model loads
+        if args.tokens_out and not _is_tokens(args.tokens_out):
+            raise AudioError(f"--tokens-out must end in {TOKENS_SUFFIX}, got {args.tokens_out}")
+        if not _is_tokens(args.out):
+            format_for_path(args.out)
+            # Load the codec first, so a missing codec fails before minutes of generation.
+            decoder = _load_decoder(args)
         tokens, result = generate_tokens(
             Path(args.model_dir), request, args.model_version, args.device, args.dtype
         )
     except RequestError as error:
+        option = REQUEST_OPTIONS.get(error.field, error.field)
+        print(f"error: {option} ({error.field}): {error.message}", file=sys.stderr)
+        return 2
+    except (AudioError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(
@@ -207,6 +214,7 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
 
     from shared.core.audio import read_audio
     from shared.core.lyrics import to_lrc, to_srt
+    from shared.core.progress import percent_bar
     from shared.ml.transcribe import load_transcriber
 
     try:
@@ -219,14 +227,9 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens,
         )
-        with tqdm(unit="chunk", desc="transcribe", file=sys.stderr) as bar:
-
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-
+        with tqdm(total=100, unit="%", desc="transcribe", file=sys.stderr) as bar:
             transcript = transcriber.transcribe(
-                audio, rate, language=args.language, on_progress=progress
+                audio, rate, language=args.language, on_progress=percent_bar(bar)
             )
     except ValueError as error:  # AudioError, CheckpointError, an unknown language
         print(f"error: {error}", file=sys.stderr)

@@ -1,23 +1,24 @@
 """Job pipelines over the models: generate (tokens → audio), decode and encode.
 
 Plain functions over arrays with a progress callback and an abort check; they know nothing of
-Celery, Redis or the object store, so workers and one-shot runs share them.
+Celery, Redis or the object store, so workers and one-shot runs share them. Progress covers
+the whole pipeline (0–1); an abort raises shared.core.progress.Aborted from whichever step saw
+it.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 import numpy as np
 
 from shared.core.constants import FRAME_S, SAMPLES_PER_FRAME
 from shared.core.inpaint import Gap, decode_window, splice_audio, splice_tokens
+from shared.core.progress import AbortCheck, Aborted, Progress, share_of
 from shared.core.tokens import InputError, check_tokens
-from shared.ml.codec.decoder import DecodeAborted, HeartCodecDecoder
-from shared.ml.codec.encoder import EncodingAborted, HeartCodecEncoder
+from shared.ml.codec.decoder import HeartCodecDecoder
+from shared.ml.codec.encoder import HeartCodecEncoder
 from shared.ml.generation.engine import GenerationEngine, GenerationRequest, GenerationResult
 
 # Share of a generate job's progress spent generating tokens; decoding takes the rest.
@@ -25,26 +26,8 @@ GENERATE_SHARE = 0.8
 DECODE_STEPS = 10  # the reference's flow-matching steps for generated songs
 
 
-class PipelineAborted(Exception):
-    """The job's abort check said stop; nothing it produced should be kept."""
-
-
 class NothingGenerated(RuntimeError):
     """The model ended the song (audio EOS) before its first new frame."""
-
-
-class Progress(Protocol):
-    def __call__(
-        self,
-        stage: str,
-        fraction: float,
-        frames_done: int | None = None,
-        frames_total: int | None = None,
-    ) -> None:
-        """`fraction` (0–1) of the whole pipeline is done; `stage` names what runs now."""
-
-
-AbortCheck = Callable[[], bool]
 
 
 @dataclass
@@ -62,7 +45,7 @@ def decode_tokens(
     seed: int,
     steps: int,
     lock: threading.Lock,
-    on_fraction: Callable[[float], None],
+    progress: Progress,
     should_abort: AbortCheck,
 ) -> np.ndarray:
     """Tokens → [2, T*3840] float32 audio; one decode per codec at a time (`lock`).
@@ -71,13 +54,11 @@ def decode_tokens(
     """
     while not lock.acquire(timeout=0.05):
         if should_abort():
-            raise PipelineAborted
+            raise Aborted("aborted while waiting for the codec")
     try:
         audio = codec.detokenize(
-            tokens, steps=steps, seed=seed, on_progress=on_fraction, should_abort=should_abort
+            tokens, steps=steps, seed=seed, on_progress=progress, should_abort=should_abort
         ).numpy()
-    except DecodeAborted as error:
-        raise PipelineAborted from error
     finally:
         lock.release()
     expected = (2, tokens.shape[1] * SAMPLES_PER_FRAME)
@@ -93,15 +74,11 @@ def _generate_tokens(
     should_abort: AbortCheck,
 ) -> GenerationResult:
     """New frames from the batched engine; progress covers the generating share."""
-    total = request.frames
-    progress("generating", 0.0, 0, total)
-
-    def on_frames(done: int, requested: int) -> None:
-        progress("generating", GENERATE_SHARE * done / requested, done, requested)
-
-    result = engine.submit(request, on_progress=on_frames, should_abort=should_abort).result()
+    generating = share_of(progress, 0.0, GENERATE_SHARE)
+    generating("generating", 0.0, 0, request.frames)
+    result = engine.submit(request, on_progress=generating, should_abort=should_abort).result()
     if result.finish_reason == "aborted":
-        raise PipelineAborted
+        raise Aborted(f"generation aborted after {result.tokens.shape[1]} frames")
     if result.tokens.shape[1] == 0:
         raise NothingGenerated(
             "the model ended the song before its first new frame (audio EOS); try another seed"
@@ -118,19 +95,23 @@ def _decode_share(
     progress: Progress,
     should_abort: AbortCheck,
 ) -> np.ndarray:
-    """Decode with progress covering the share after generating."""
-    progress("decoding", GENERATE_SHARE, frames, frames)
+    """Decode with progress covering the share after generating; the job shows the song's
+    frames as done while they are decoded."""
+    decoding = share_of(progress, GENERATE_SHARE, 1.0)
 
-    def on_fraction(fraction: float) -> None:
-        progress("decoding", GENERATE_SHARE + (1 - GENERATE_SHARE) * fraction, frames, frames)
+    def report(
+        stage: str, fraction: float, frames_done: int | None = None, total: int | None = None
+    ) -> None:
+        decoding(stage, fraction, frames, frames)
 
+    report("decoding", 0.0)
     return decode_tokens(
         codec,
         tokens,
         seed=seed,
         steps=DECODE_STEPS,
         lock=codec_lock,
-        on_fraction=on_fraction,
+        progress=report,
         should_abort=should_abort,
     )
 
@@ -193,17 +174,9 @@ def tokenize_audio(
     encoder: HeartCodecEncoder,
     audio: np.ndarray,
     sample_rate: int,
-    on_fraction: Callable[[float], None],
+    progress: Progress,
     should_abort: AbortCheck,
 ) -> np.ndarray:
     """[channels, samples] audio → [8, T] int32 tokens."""
-    try:
-        tokens = encoder.tokenize(
-            audio,
-            sample_rate,
-            on_progress=lambda done, total: on_fraction(done / total),
-            should_abort=should_abort,
-        )
-    except EncodingAborted as error:
-        raise PipelineAborted from error
+    tokens = encoder.tokenize(audio, sample_rate, on_progress=progress, should_abort=should_abort)
     return check_tokens(tokens, "upload_id")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from shared.core.constants import WHISPER_SAMPLE_RATE
 from shared.core.languages import LANGUAGES
 from shared.core.languages import language_code as known_language
 from shared.core.lyrics import Segment, Transcript, Word
+from shared.core.progress import AbortCheck, Progress, check_abort
 from shared.ml.models.checkpoint import CheckpointError, resolve_device, resolve_dtype
 from shared.ml.resample import resample
 
@@ -39,10 +40,6 @@ COMPRESSION_RATIO_THRESHOLD = 1.8
 LOGPROB_THRESHOLD = -1.0
 NO_SPEECH_THRESHOLD = 0.4
 MAX_NEW_TOKENS = 256
-
-
-class TranscriptionAborted(RuntimeError):
-    """`should_abort` asked to stop; raised between batches of chunks."""
 
 
 def _chunks(mono: np.ndarray) -> list[np.ndarray]:
@@ -206,8 +203,8 @@ class Transcriber:
         *,
         language: str | None = None,
         word_timestamps: bool | None = None,
-        on_progress: Callable[[int, int], None] | None = None,
-        should_abort: Callable[[], bool] | None = None,
+        on_progress: Progress | None = None,
+        should_abort: AbortCheck | None = None,
         seed: int = 0,
     ) -> Transcript:
         """Transcribe [channels, samples] float audio at any rate (mixed to mono, 16 kHz).
@@ -216,8 +213,9 @@ class Transcriber:
         gives the same transcript (a retried job writes the same files).
 
         `word_timestamps`: None gives word timings where the checkpoint's generation config
-        names alignment heads; True requires them. `on_progress(done, total)` counts chunks
-        after each batch; `should_abort` is polled before each batch.
+        names alignment heads; True requires them. `on_progress("transcribing", fraction)`
+        counts chunks after each batch; `should_abort` is polled before each batch and raises
+        Aborted.
         """
         if word_timestamps and not self.has_word_timings:
             raise ValueError(
@@ -232,8 +230,7 @@ class Transcriber:
         segments: list[Segment] = []
         detected: Counter[str] = Counter()
         for first in range(0, len(chunks), self.batch_size):
-            if should_abort is not None and should_abort():
-                raise TranscriptionAborted(f"aborted after {first} of {len(chunks)} chunks")
+            check_abort(should_abort, f"aborted after {first} of {len(chunks)} chunks")
             batch = chunks[first : first + self.batch_size]
             features = feature_extractor(
                 batch, sampling_rate=WHISPER_SAMPLE_RATE, return_tensors="pt"
@@ -253,7 +250,7 @@ class Transcriber:
                     word_timings=word_timings,
                 )
             if on_progress is not None:
-                on_progress(first + len(batch), len(chunks))
+                on_progress("transcribing", (first + len(batch)) / len(chunks))
         return Transcript(
             text=" ".join(s.text for s in segments),
             language=code or (detected.most_common(1)[0][0] if detected else None),

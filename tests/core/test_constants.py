@@ -36,10 +36,6 @@ HOME = Path(constants.__file__).resolve()
 RESTATED = {8192, 8193, 8197, 12.5, 3840, 1920, 0.08, 48_000, 24_000, 16_000}
 # A number that merely equals one of them (an MLP width) carries this comment on its line.
 PRAGMA = re.compile(r"#\s*unrelated-literal:\s*\S")
-# TODO(engine branch): shared/ml/generation/engine.py still defines its own FRAME_MS; the engine
-# helper converts it to shared.core.constants, and the integrator deletes this allowance when
-# merging that branch.
-TEMPORARY_ALLOWANCE = ("shared/ml/generation/",)
 
 
 def test_the_grid_agrees_with_itself() -> None:
@@ -151,7 +147,6 @@ def test_no_module_redefines_a_constant_name() -> None:
     found = [
         f"{path}:{line}: {name}"
         for path, source in _sources()
-        if not path.startswith(TEMPORARY_ALLOWANCE)
         for line, name in bound_names(source)
         if name in names
     ]

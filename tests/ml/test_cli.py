@@ -79,3 +79,28 @@ def test_generate_reports_requests_that_cannot_fit(
     assert code == 2
     assert "duration_s" in capsys.readouterr().err
     assert not (tmp_path / "t.npy").exists()
+
+
+@pytest.mark.parametrize("cfg", ["0.5", "0"])
+def test_generate_refuses_a_guidance_scale_below_one(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, cfg: str
+) -> None:
+    out = tmp_path / "t.npy"
+    code = main(
+        [
+            "generate",
+            "--model-dir",
+            str(tiny_model_dir),
+            "--tags",
+            "piano",
+            "--cfg-scale",
+            cfg,
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert len(err) == 1 and err[0].startswith("error: --cfg-scale (cfg_scale): must be at least 1")

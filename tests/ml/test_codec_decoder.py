@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 from api.client.cli import main as cli_main
 from shared.core.audio import read_audio
 from shared.core.constants import CODEC_CODES, SAMPLE_RATE, SAMPLES_PER_FRAME
+from shared.core.progress import Aborted
 from shared.ml.codec.config import HeartCodecConfig
 from shared.ml.codec.decoder import (
     CODEC_FOLDER,
     PREFIX_LATENT_FRAMES,
-    DecodeAborted,
     HeartCodec,
     HeartCodecDecoder,
     load_codec,
@@ -165,8 +165,10 @@ def test_guidance_changes_the_result(decoder: HeartCodecDecoder) -> None:
 def test_progress_reaches_one_per_window_and_step(
     decoder: HeartCodecDecoder, constant_render: list[int]
 ) -> None:
-    seen: list[float] = []
-    decoder.detokenize(_codes(400), steps=3, on_progress=seen.append)
+    reports: list[tuple[str, float]] = []
+    decoder.detokenize(_codes(400), steps=3, on_progress=lambda *r: reports.append(r))
+    seen = [fraction for _, fraction in reports]
+    assert {stage for stage, _ in reports} == {"decoding"}
     assert len(seen) == 2 * (3 + 1)  # two windows: three steps and one render each
     assert seen == sorted(seen) and seen[-1] == 1.0
 
@@ -185,9 +187,12 @@ def test_abort_stops_between_steps(
         return original(*args)
 
     monkeypatch.setattr(estimator, "forward", counting)
-    with pytest.raises(DecodeAborted, match="after 3 of"):
+    with pytest.raises(Aborted, match="after 3 of"):
         decoder.detokenize(
-            _codes(400), steps=5, on_progress=seen.append, should_abort=lambda: len(seen) >= 3
+            _codes(400),
+            steps=5,
+            on_progress=lambda _stage, fraction: seen.append(fraction),
+            should_abort=lambda: len(seen) >= 3,
         )
     assert calls == 3 and len(seen) == 3 and seen[-1] < 1.0
 

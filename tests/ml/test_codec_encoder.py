@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from api.client.cli import main
 from shared.core.constants import CODEC_CODES, CODEC_SAMPLE_RATE, FRAMES_PER_SECOND
+from shared.core.progress import Aborted
 from shared.ml.codec.encoder import (
     CHUNK_SAMPLES,
     CODEC_FOLDER,
@@ -23,7 +24,6 @@ from shared.ml.codec.encoder import (
     RVQ_PREFIX,
     WEIGHTS_NAME,
     EncoderNotFoundError,
-    EncodingAborted,
     HeartCodecEncoder,
     HeartCodecEncoderNetwork,
     load_encoder,
@@ -108,13 +108,13 @@ def test_deterministic_across_calls_and_loads(model_dir: Path, encoder: HeartCod
 
 def test_chunks_are_independent_of_batching(encoder: HeartCodecEncoder) -> None:
     audio = noise(31.0, CODEC_SAMPLE_RATE)  # two chunks
-    calls: list[tuple[int, int]] = []
+    calls: list[tuple[str, float]] = []
 
-    def record(done: int, total: int) -> None:
-        calls.append((done, total))
+    def record(stage: str, fraction: float) -> None:
+        calls.append((stage, fraction))
 
     one = encoder.tokenize(audio, CODEC_SAMPLE_RATE, batch_size=1, on_progress=record)
-    assert calls == [(1, 2), (2, 2)]
+    assert calls == [("encoding", 1 / 2), ("encoding", 2 / 2)]
     np.testing.assert_array_equal(encoder.tokenize(audio, CODEC_SAMPLE_RATE, batch_size=2), one)
     # The first 29.76 s alone (373 frames: one more, from a second chunk of silence) encode
     # to the whole song's first chunk of frames.
@@ -126,7 +126,7 @@ def test_chunks_are_independent_of_batching(encoder: HeartCodecEncoder) -> None:
 def test_abort_between_chunks(encoder: HeartCodecEncoder) -> None:
     checks = iter([False, True])
     audio = noise(31.0, 24_000)
-    with pytest.raises(EncodingAborted, match="after 1 of 2"):
+    with pytest.raises(Aborted, match="after 1 of 2"):
         encoder.tokenize(audio, 24_000, batch_size=1, should_abort=lambda: next(checks))
 
 

@@ -19,6 +19,7 @@ from shared.ml.generation.engine import (
     GenerationRequest,
     RequestError,
 )
+from shared.ml.generation.plan import Prefill
 
 BASE = GenerationRequest(tags="piano,happy", lyrics="la la la", duration_s=1.2, seed=11)
 
@@ -131,7 +132,8 @@ def test_abort_takes_effect_within_one_frame(engine: GenerationEngine) -> None:
     seen: list[int] = []
     stop = threading.Event()
 
-    def progress(done: int, total: int) -> None:
+    def progress(stage: str, fraction: float, done: int | None, total: int | None) -> None:
+        assert stage == "generating" and total == 50 and fraction == done / total
         seen.append(done)
         if done == 3:
             stop.set()
@@ -170,6 +172,8 @@ def test_context_overflow_is_refused_before_any_work(engine: GenerationEngine) -
         ({"temperature": 0.0}, "temperature"),
         ({"top_k": 0}, "top_k"),
         ({"cfg_scale": float("nan")}, "cfg_scale"),
+        ({"cfg_scale": 0.5}, "cfg_scale"),
+        ({"cfg_scale": 0.0}, "cfg_scale"),
         ({"seed": -1}, "seed"),
         ({"history": np.zeros((7, 4), dtype=np.int64)}, "history"),
         ({"history": np.full((8, 4), CODEC_CODES)}, "history"),
@@ -265,14 +269,14 @@ def test_a_guided_request_uses_free_rows_wherever_they_are(tiny_model_dir: Path)
 def test_a_failing_prefill_fails_only_its_own_request(
     engine: GenerationEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    prefill = engine._prefill
+    prefill = engine.runner.prefill
 
-    def failing(run) -> None:
-        if run.job.request.seed == 666:
+    def failing(work: Prefill) -> None:
+        if work.draw.seed == 666:
             raise torch.OutOfMemoryError("no room for this one")
-        prefill(run)
+        prefill(work)
 
-    monkeypatch.setattr(engine, "_prefill", failing)
+    monkeypatch.setattr(engine.runner, "prefill", failing)
     doomed, fine = engine.submit(replace(BASE, seed=666)), engine.submit(replace(BASE, seed=12))
     while not (doomed.done() and fine.done()):
         engine.step()

@@ -22,11 +22,11 @@ import torch
 
 from api.client.cli import main
 from shared.core.lyrics import Segment, Transcript, Word, to_lrc, to_srt
+from shared.core.progress import Aborted
 from shared.ml.models.checkpoint import CheckpointError
 from shared.ml.transcribe import (
     TRANSCRIBER_FOLDER,
     Transcriber,
-    TranscriptionAborted,
     load_transcriber,
 )
 
@@ -93,12 +93,12 @@ def _check_schema(data: dict[str, Any], duration: float) -> None:
 
 def test_long_stereo_audio_end_to_end(transcriber: Transcriber) -> None:
     """65 s of 44.1 kHz stereo: three chunks in two batches, a well-formed transcript."""
-    progress: list[tuple[int, int]] = []
+    progress: list[tuple[str, float]] = []
     torch.manual_seed(0)  # temperature fallback samples
     transcript = transcriber.transcribe(
-        _noise(65, 44_100, 2), 44_100, on_progress=lambda d, n: progress.append((d, n))
+        _noise(65, 44_100, 2), 44_100, on_progress=lambda *report: progress.append(report)
     )
-    assert progress == [(2, 3), (3, 3)]
+    assert progress == [("transcribing", 2 / 3), ("transcribing", 3 / 3)]
     data = json.loads(json.dumps(transcript.to_json()))
     _check_schema(data, 65.0)
     assert data["segments"], "the random model always emits some tokens"
@@ -149,16 +149,16 @@ def test_segment_end_is_clipped_to_the_audio(transcriber: Transcriber, fake: Fak
 
 
 def test_abort_between_batches(transcriber: Transcriber, fake: FakeGenerate) -> None:
-    progress: list[tuple[int, int]] = []
-    with pytest.raises(TranscriptionAborted, match="after 2 of 3 chunks"):
+    progress: list[tuple[str, float]] = []
+    with pytest.raises(Aborted, match="after 2 of 3 chunks"):
         transcriber.transcribe(
             _noise(65, 16_000, 1),
             16_000,
             language="en",
-            on_progress=lambda d, n: progress.append((d, n)),
+            on_progress=lambda *report: progress.append(report),
             should_abort=lambda: bool(progress),
         )
-    assert progress == [(2, 3)] and len(fake.batches) == 1
+    assert progress == [("transcribing", 2 / 3)] and len(fake.batches) == 1
 
 
 @pytest.mark.parametrize(

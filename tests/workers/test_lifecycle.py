@@ -15,8 +15,8 @@ import redis
 
 from shared.core.config import Settings
 from shared.core.jobs import Job, JobStore, UploadStore, job_key
+from shared.core.progress import Aborted
 from shared.core.storage import LocalStore, artifact_key
-from shared.ml.pipelines import PipelineAborted
 from workers.handlers import HANDLERS, Output
 from workers.lease import LeaseKeeper
 from workers.runner import JobRunner
@@ -93,7 +93,7 @@ def test_a_stopping_worker_hands_its_running_job_back(runner: JobRunner) -> None
         runner.stop(grace_s=0.0)
         while not should_abort():
             pass
-        raise PipelineAborted
+        raise Aborted("stand-in aborted")
 
     job = _submit(runner, long_song)
     runner.run(job.id)

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from shared.core.audio import overlap_add
+from shared.core.progress import AbortCheck, Progress, check_abort
 from shared.ml.codec.config import LATENT_FRAMES_PER_CODE, HeartCodecConfig
 from shared.ml.codec.flow_matching import FlowMatching
 from shared.ml.codec.rvq import ResidualVQ, normalize_initted
@@ -40,13 +41,6 @@ WINDOW_CODES = 372  # int(29.76 s × 12.5 codes/s)
 HOP_CODES = 320  # 25.6 s
 OVERLAP_CODES = WINDOW_CODES - HOP_CODES  # 52 codes = 4.16 s
 PREFIX_LATENT_FRAMES = OVERLAP_CODES * LATENT_FRAMES_PER_CODE  # 104, carried into the next window
-
-ProgressCallback = Callable[[float], None]
-AbortCheck = Callable[[], bool]
-
-
-class DecodeAborted(Exception):
-    """should_abort() returned True; decoding stopped between two solver steps."""
 
 
 @dataclass(frozen=True)
@@ -182,13 +176,14 @@ class HeartCodecDecoder:
         guidance: float = 1.25,
         seed: int = 0,
         loop_padding: bool = True,
-        on_progress: ProgressCallback | None = None,
+        on_progress: Progress | None = None,
         should_abort: AbortCheck | None = None,
     ) -> torch.Tensor:
         """Codes [8, T] (ints in [0, 8192)) → float32 audio [2, T · 3840] at 48 kHz.
 
-        Progress counts solver steps and per-window audio rendering and reaches 1.0 at the
-        end; should_abort is polled before every step and render and raises DecodeAborted.
+        Progress ("decoding") counts solver steps and per-window audio rendering and reaches
+        1.0 at the end; should_abort is polled before every step and render and raises
+        Aborted.
         """
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
@@ -196,20 +191,16 @@ class HeartCodecDecoder:
         windows = len(plan_windows(codes.shape[1], loop_padding))
         units, done = windows * (steps + 1), 0
 
-        def check_abort() -> None:
-            if should_abort is not None and should_abort():
-                raise DecodeAborted(f"decode aborted after {done} of {units} steps")
-
         def advance(_: int = 0) -> None:
             nonlocal done
             done += 1
             if on_progress is not None:
-                on_progress(done / units)
+                on_progress("decoding", done / units)
             if done < units:
-                check_abort()
+                check_abort(should_abort, f"decode aborted after {done} of {units} steps")
 
         segments = []
-        check_abort()
+        check_abort(should_abort, f"decode aborted after 0 of {units} steps")
         with parametrize.cached():
             for _, latents in self.latent_windows(
                 codes,

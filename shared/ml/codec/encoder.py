@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from shared.core.constants import CODEC_SAMPLE_RATE, CODEC_SAMPLES_PER_FRAME
+from shared.core.progress import AbortCheck, Progress, check_abort
 from shared.ml.codec.decoder import CODEC_FOLDER
 from shared.ml.codec.features import (
     DEFAULT_FEATURES_CONFIG,
@@ -59,15 +59,9 @@ DEFAULT_ENCODER_CONFIG: dict[str, Any] = {
     "query": {"dim": 512, "num_layers": 6, "head_dim": 128, "interval": 2},
 }
 
-ProgressCallback = Callable[[int, int], None]
-
 
 class EncoderNotFoundError(CheckpointError):
     """The model directory has no encoder checkpoint, so audio cannot be tokenized."""
-
-
-class EncodingAborted(RuntimeError):
-    """`should_abort` returned true between chunks."""
 
 
 class HeartCodecEncoderNetwork(nn.Module):
@@ -168,14 +162,14 @@ class HeartCodecEncoder:
         sample_rate: int,
         *,
         batch_size: int | None = None,
-        on_progress: ProgressCallback | None = None,
-        should_abort: Callable[[], bool] | None = None,
+        on_progress: Progress | None = None,
+        should_abort: AbortCheck | None = None,
     ) -> np.ndarray:
         """Audio [channels, samples] or [samples] (1 or 2 channels) → int32 tokens [8, frames].
 
         `batch_size` chunks (default: the encoder's) run through the network at once;
-        `on_progress(done_chunks, total_chunks)` is called after each batch;
-        `should_abort()` is checked before each batch and raises EncodingAborted.
+        `on_progress("encoding", chunks done / chunks)` is called after each batch;
+        `should_abort()` is checked before each batch and raises Aborted.
         """
         batch_size = batch_size or self.batch_size
         stereo = _stereo_24k(audio, sample_rate)
@@ -185,13 +179,12 @@ class HeartCodecEncoder:
         stereo = stereo.reshape(2, chunks, CHUNK_SAMPLES).transpose(0, 1)  # [chunks, 2, S]
         codes = []
         for start in range(0, chunks, batch_size):
-            if should_abort is not None and should_abort():
-                raise EncodingAborted(f"encoding aborted after {start} of {chunks} chunks")
+            check_abort(should_abort, f"encoding aborted after {start} of {chunks} chunks")
             batch = F.pad(stereo[start : start + batch_size], (0, TAIL_SAMPLES))
             latents = self.network(batch.to(self.device))
             codes.append(self.quantizer.quantize(latents.float()).cpu())  # [B, Q, 372]
             if on_progress is not None:
-                on_progress(min(start + batch_size, chunks), chunks)
+                on_progress("encoding", min(start + batch_size, chunks) / chunks)
         tokens = torch.cat(codes, dim=0).permute(1, 0, 2).flatten(1)[:, :frames]
         return tokens.numpy().astype(np.int32)
 

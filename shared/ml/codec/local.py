@@ -9,19 +9,15 @@ import numpy as np
 from tqdm import tqdm
 
 from shared.core.audio import read_audio
+from shared.core.progress import percent_bar
 from shared.ml.codec.encoder import load_encoder
 
 
 def encode_file(
     model_dir: Path, audio_path: Path, device: str | None = None, dtype: str | None = None
 ) -> np.ndarray:
-    """Tokenize an audio file with a progress bar per 29.76 s chunk: int32 [8, frames]."""
+    """Tokenize an audio file with a progress bar: int32 [8, frames]."""
     audio, rate = read_audio(audio_path, name=str(audio_path))
     encoder = load_encoder(model_dir, device, dtype)
-    with tqdm(unit="chunk", file=sys.stderr) as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        return encoder.tokenize(audio, rate, on_progress=progress)
+    with tqdm(total=100, unit="%", desc="encode", file=sys.stderr) as bar:
+        return encoder.tokenize(audio, rate, on_progress=percent_bar(bar))

@@ -25,8 +25,10 @@ def generate_tokens(
         print(f"warning: {NOISE_WARNING}", file=sys.stderr)
     with tqdm(total=request.frames, unit="frame", file=sys.stderr) as bar:
 
-        def progress(done: int, total: int) -> None:
-            bar.update(done - bar.n)
+        def progress(
+            stage: str, fraction: float, done: int | None = None, total: int | None = None
+        ) -> None:
+            bar.update((done or 0) - bar.n)
 
         (result,) = engine.generate([request], on_progress=progress)
     tokens = result.tokens

@@ -10,6 +10,7 @@ argmax(p / Exp(1)) draw does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,9 +39,23 @@ def uniform_from_hash(h: torch.Tensor) -> torch.Tensor:
     return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's draw of one frame: where its logits are and how to sample them."""
+
+    cond_row: int  # batch row of its conditional logits
+    uncond_row: int  # batch row of its unconditional logits (cond_row without guidance)
+    cfg_scale: float
+    temperature: float
+    top_k: int
+    seed: int  # non-negative
+    frame: int  # the request's own frame counter: its noise never depends on the batch
+    eos_allowed: bool  # False for requests that must fill every frame
+
+
 @dataclass
 class RowSampling:
-    """Sampling state of the rows that draw tokens this frame (one per request).
+    """Sampling state of the rows that draw tokens this frame (one per request), on device.
 
     `cond` and `uncond` index the logits rows of each request (equal when it has no guidance);
     `owner` maps every batch row to the request row whose token it receives.
@@ -53,9 +68,34 @@ class RowSampling:
     temperature: torch.Tensor  # [p] float32
     top_k: torch.Tensor  # [p] int64
     seed: torch.Tensor  # [p] int64, non-negative
-    frame: torch.Tensor  # [p] int64, the request's own frame counter
-    eos_allowed: torch.Tensor  # [p] bool; False for requests that must fill every frame
+    frame: torch.Tensor  # [p] int64
+    eos_allowed: torch.Tensor  # [p] bool
     max_top_k: int
+
+    @classmethod
+    def batch(
+        cls, draws: Sequence[SamplingParams], num_rows: int, device: torch.device
+    ) -> RowSampling:
+        """Stack the draws of one frame, field by field, for batch rows 0..num_rows-1."""
+        owner = torch.zeros(num_rows, dtype=torch.int64)
+        for i, draw in enumerate(draws):
+            owner[[draw.cond_row, draw.uncond_row]] = i
+
+        def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(device)
+
+        return cls(
+            cond=column([d.cond_row for d in draws], torch.int64),
+            uncond=column([d.uncond_row for d in draws], torch.int64),
+            owner=owner.to(device),
+            cfg_scale=column([d.cfg_scale for d in draws], torch.float32),
+            temperature=column([d.temperature for d in draws], torch.float32),
+            top_k=column([d.top_k for d in draws], torch.int64),
+            seed=column([d.seed for d in draws], torch.int64),
+            frame=column([d.frame for d in draws], torch.int64),
+            eos_allowed=column([d.eos_allowed for d in draws], torch.bool),
+            max_top_k=max(d.top_k for d in draws),
+        )
 
 
 class TokenSampler:

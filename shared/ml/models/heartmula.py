@@ -18,10 +18,6 @@ import torch
 from torch import nn
 
 from shared.core.constants import AUDIO_EOS_ID, AUDIO_VOCAB, CONTEXT_POSITIONS, NUM_CODEBOOKS
-
-# TODO(engine branch): shared/ml/generation/engine.py still imports CODEC_CODES from here; the
-# integrator drops this re-export once the engine imports it from shared.core.constants.
-from shared.core.constants import CODEC_CODES as CODEC_CODES
 from shared.ml.models.checkpoint import CheckpointError, assign_state, read_tensors, shard_files
 from shared.ml.models.llama import Transformer, TransformerSpec
 
