@@ -55,9 +55,11 @@ def create_app(
     """The gateway. Anything not given is built from `settings` (default: the environment)."""
     from api.gateway.limits import limit_body
     from api.gateway.openapi import bp as openapi_bp
+    from api.gateway.routes.batches import bp as batches_bp
     from api.gateway.routes.health import bp as health_bp
     from api.gateway.routes.jobs import bp as jobs_bp
     from api.gateway.routes.uploads import bp as uploads_bp
+    from api.gateway.routes.webhooks import bp as webhooks_bp
 
     settings = settings or Settings.from_env()
     redis_client = redis_client or redis.Redis.from_url(
@@ -79,4 +81,6 @@ def create_app(
     app.before_request(limit_body)
     for blueprint in (health_bp, openapi_bp, jobs_bp, uploads_bp):
         app.register_blueprint(blueprint)
+    app.register_blueprint(batches_bp)
+    app.register_blueprint(webhooks_bp)
     return app
