@@ -19,7 +19,7 @@ import requests
 
 from shared.core.batches import BatchStore, batch_out
 from shared.core.config import Settings
-from shared.core.jobs import JobStore
+from shared.core.jobs import TERMINAL_STATES, JobStore
 from shared.core.retention import sweep
 from shared.core.schemas import job_out
 from shared.core.storage import ObjectStore
@@ -55,10 +55,11 @@ def emit_events(hooks: WebhookStore, jobs: JobStore, batches: BatchStore) -> int
                 emitted += hooks.emit(batch.tenant, subject, "batch.completed", payload) is not None
     for start in range(0, len(job_ids), CHUNK):
         chunk = job_ids[start : start + CHUNK]
-        for job_id, job in zip(chunk, jobs.get_many(chunk), strict=True):
-            if job is None:
+        for job_id, state in zip(chunk, jobs.states(chunk), strict=True):
+            job = jobs.get(job_id) if state in TERMINAL_STATES else None
+            if state is None:
                 hooks.unwatch(f"job:{job_id}")
-            elif job.terminal:
+            elif job is not None:
                 event = f"job.{job.state}"
                 emitted += hooks.emit(job.tenant, f"job:{job_id}", event, job_out(job)) is not None
     return emitted

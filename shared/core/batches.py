@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from shared.core.jobs import IDEMPOTENCY_TTL_S, STATES, Job, JobStore, job_key, new_id
+from shared.core.jobs import IDEMPOTENCY_TTL_S, STATES, Job, JobStore, new_id
 
 CHUNK = 1000  # jobs read per Redis round trip
 BATCH_STATES = ("in_progress", "cancelling", "completed", "cancelled")
@@ -139,13 +139,10 @@ class BatchStore:
 
     def finished(self, batch_id: str) -> bool:
         """Whether every item has ended (or was deleted), reading only the jobs' states."""
-        unfinished = {json.dumps(state) for state in ("queued", "running")}
         job_ids = self.job_ids(batch_id)
         for start in range(0, len(job_ids), CHUNK):
-            pipe = self._redis.pipeline(transaction=False)
-            for job_id in job_ids[start : start + CHUNK]:
-                pipe.hget(job_key(job_id), "state")
-            if any(s is not None and _text(s) in unfinished for s in pipe.execute()):
+            states = self._jobs.states(job_ids[start : start + CHUNK])
+            if any(state in ("queued", "running") for state in states):
                 return False
         return True
 

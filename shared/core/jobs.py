@@ -228,6 +228,14 @@ class JobStore:
             pipe.hgetall(job_key(job_id))
         return [_decode_hash(raw) if raw else None for raw in pipe.execute()]
 
+    def states(self, job_ids: list[str]) -> list[str | None]:
+        """Only the jobs' states, in one round trip (None where a job is gone): cheap enough to
+        poll for many jobs."""
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(job_key(job_id), "state")
+        return [json.loads(raw) if raw is not None else None for raw in pipe.execute()]
+
     def delete(self, job_id: str) -> bool | None:
         """Remove a finished job's record and index entry: True when deleted, False when it has
         not finished (cancel it first), None when there is no such job."""
