@@ -544,20 +544,29 @@ class UploadStore:
         if cursor is not None:
             after_score, after_id = _decode_cursor(cursor)
             max_score = repr(after_score)
-        scanned = self._redis.zrevrangebyscore(
-            tenant_uploads_key(tenant), max_score, "-inf", withscores=True
-        )
         page: list[Upload] = []
-        for member, score in scanned:
-            upload_id = _text(member)
-            if after_id is not None and score == after_score and upload_id >= after_id:
-                continue
-            upload = self.get(upload_id)
-            if upload is not None:
-                page.append(upload)
-                if len(page) == limit:
-                    return page, _encode_cursor(score, upload_id)
-        return page, None
+        offset, batch_size = 0, limit + 1
+        while True:
+            scanned = self._redis.zrevrangebyscore(
+                tenant_uploads_key(tenant),
+                max_score,
+                "-inf",
+                start=offset,
+                num=batch_size,
+                withscores=True,
+            )
+            offset += len(scanned)
+            for member, score in scanned:
+                upload_id = _text(member)
+                if after_id is not None and score == after_score and upload_id >= after_id:
+                    continue  # served on an earlier page
+                upload = self.get(upload_id)
+                if upload is not None:
+                    page.append(upload)
+                    if len(page) == limit:
+                        return page, _encode_cursor(score, upload_id)
+            if len(scanned) < batch_size:
+                return page, None
 
     def delete(self, upload: Upload) -> None:
         """The record and its index entry (the caller deletes the file)."""
