@@ -124,7 +124,10 @@ def _prepare_items(tenant: str, items: Any) -> list[tuple[str | None, Prepared]]
                     {"field": error.field, "message": error.message}
                 ]
                 found = [
-                    {"field": f"{where}.{d['field']}" if d["field"] else where, **_msg(d)}
+                    {
+                        "field": f"{where}.{d['field']}" if d["field"] else where,
+                        "message": d["message"],
+                    }
                     for d in details
                 ]
         if found:
@@ -141,10 +144,6 @@ def _prepare_items(tenant: str, items: Any) -> list[tuple[str | None, Prepared]]
         error.extra["invalid_items"] = bad
         raise error
     return prepared
-
-
-def _msg(detail: dict[str, str]) -> dict[str, str]:
-    return {"message": detail["message"]}
 
 
 def _item_problems(item: Any, where: str, seen: dict[str, int], index: int) -> list[dict]:
