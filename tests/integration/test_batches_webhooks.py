@@ -99,20 +99,33 @@ def test_a_50_item_mixed_batch_through_the_cli(local_cluster: Cluster, tmp_path:
 
 def test_cancelling_a_batch_midway_leaves_nothing_running(local_cluster: Cluster) -> None:
     cluster = local_cluster
-    items = [{"type": "generate", "params": {**LONG, "seed": 17 + i}} for i in range(6)]
+    short = [{"type": "generate", "params": TINY_SONG} for _ in range(2)]
+    items = short + [{"type": "generate", "params": {**LONG, "seed": 17 + i}} for i in range(4)]
     reply = cluster.http("alice").post(f"{cluster.url}/v1/batches", json={"items": items})
     assert reply.status_code == 202, reply.text
     batch_id = reply.json()["id"]
-    wait_for("an item to run", lambda: batch(cluster, "alice", batch_id)["counts"]["running"])
+
+    def midway() -> bool:
+        counts = batch(cluster, "alice", batch_id)["counts"]
+        return counts["succeeded"] == 2 and counts["running"] > 0
+
+    wait_for("the short items to end and a long one to run", midway)
     cancelled = cluster.http("alice").post(f"{cluster.url}/v1/batches/{batch_id}/cancel")
-    assert cancelled.status_code == 200
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelling"
     final = wait_for(
         "the batch to end",
         lambda: (b := batch(cluster, "alice", batch_id))["state"] == "cancelled" and b,
     )
-    assert final["counts"]["cancelled"] == 6 and final["counts"]["running"] == 0
-    states = {cluster.job("alice", job_id)["state"] for job_id in _job_ids(cluster, batch_id)}
-    assert states == {"cancelled"}
+    assert final["counts"] == {
+        "queued": 0,
+        "running": 0,
+        "succeeded": 2,
+        "failed": 0,
+        "cancelled": 4,
+        "deleted": 0,
+    }
+    states = [cluster.job("alice", job_id)["state"] for job_id in _job_ids(cluster, batch_id)]
+    assert states == ["succeeded"] * 2 + ["cancelled"] * 4
 
 
 def _job_ids(cluster: Cluster, batch_id: str) -> list[str]:
