@@ -1,15 +1,18 @@
-"""What every worker process does beside its jobs: turn finished jobs and batches into webhook
-events, deliver due webhooks, and run the retention sweep.
+"""What every worker process does beside its jobs: queue the jobs of new batches, turn
+finished jobs and batches into webhook events, deliver due webhooks, run the retention sweep.
 
-Each step is coordinated through Redis (shared/core/webhooks.py, shared/core/retention.py) and
+Each step is coordinated through Redis (shared/core/batches.py, webhooks.py, retention.py) and
 safe to run in any number of processes at once, so there is no separate kind of worker to
-deploy: two daemon threads per worker process, one delivering (a slow receiver delays only
-deliveries) and one sweeping. Celery-free: `workers.celery_app` starts them.
+deploy: three daemon threads per worker process, so that a slow receiver delays only
+deliveries and a 10,000-item batch only other batches. Celery-free: `workers.celery_app` starts
+them with its `enqueue`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +22,7 @@ import requests
 
 from shared.core.batches import BatchStore, batch_out
 from shared.core.config import Settings
-from shared.core.jobs import TERMINAL_STATES, JobStore
+from shared.core.jobs import TERMINAL_STATES, Job, JobStore
 from shared.core.retention import sweep
 from shared.core.schemas import job_out
 from shared.core.storage import ObjectStore
@@ -36,6 +39,33 @@ log = logging.getLogger(__name__)
 
 LEASE_MARGIN_S = 30.0  # a claimed delivery's lease: the request timeout plus this
 CHUNK = 1000
+SEND_LEASE_S = 60.0  # one worker sends a batch's messages while it holds this lease
+SEND_RENEW_EVERY = 100  # messages between lease renewals
+
+
+def send_batches(
+    batches: BatchStore, jobs: JobStore, send: Callable[[Job], None], worker: str
+) -> int:
+    """Queue the jobs of every batch whose messages are not all sent (one sender per batch,
+    under a lease), skipping those no longer queued (cancelled meanwhile); returns how many
+    were sent. A send that fails raises, and the rest waits for the next round."""
+    sent = handled = 0
+    for batch_id in batches.sending():
+        if not batches.lease_sending(batch_id, worker, SEND_LEASE_S):
+            continue
+        while (job_id := batches.next_unsent(batch_id)) is not None:
+            job = jobs.get(job_id)
+            if job is not None and job.state == "queued":
+                send(job)
+                sent += 1
+            batches.sent(batch_id)
+            handled += 1
+            renew = handled % SEND_RENEW_EVERY == 0
+            if renew and not batches.lease_sending(batch_id, worker, SEND_LEASE_S):
+                break  # lost the lease (a long stall): another worker carries on
+        else:
+            batches.done_sending(batch_id)
+    return sent
 
 
 def emit_events(hooks: WebhookStore, jobs: JobStore, batches: BatchStore) -> int:
@@ -125,19 +155,31 @@ def deliver_due(hooks: WebhookStore, settings: Settings) -> int:
 
 
 class Background:
-    """The two daemon threads of one worker process; `stop()` ends them."""
+    """The daemon threads of one worker process; `stop()` ends them. `send` queues a job."""
 
-    def __init__(self, settings: Settings, client: redis.Redis, store: ObjectStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.Redis,
+        store: ObjectStore,
+        send: Callable[[Job], None],
+    ) -> None:
         self.settings = settings
         self.client = client
         self.store = store
+        self.send = send
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.hooks = WebhookStore(client)
         self.jobs = JobStore(client)
         self.batches = BatchStore(client)
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._loop, args=(step,), name=name, daemon=True)
-            for name, step in (("webhook-delivery", self._deliver), ("sweeps", self._sweep))
+            for name, step in (
+                ("webhook-delivery", self._deliver),
+                ("batch-sender", self._send_batches),
+                ("sweeps", self._sweep),
+            )
         ]
 
     def start(self) -> Background:
@@ -152,6 +194,9 @@ class Background:
 
     def _deliver(self) -> None:
         deliver_due(self.hooks, self.settings)
+
+    def _send_batches(self) -> None:
+        send_batches(self.batches, self.jobs, self.send, self.name)
 
     def _sweep(self) -> None:
         emit_events(self.hooks, self.jobs, self.batches)

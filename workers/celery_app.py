@@ -81,7 +81,7 @@ def run_job(job_id: str) -> None:
     runner().run(job_id)
 
 
-# ----- webhooks and retention (workers/background.py): beside the jobs, in every worker ------
+# ----- batches, webhooks, retention (workers/background.py): beside the jobs, every worker ---
 
 _background: Background | None = None
 
@@ -90,7 +90,8 @@ _background: Background | None = None
 def _start_background(**_: Any) -> None:
     global _background
     client = redis.Redis.from_url(settings.redis_url)
-    _background = Background(settings, client, store_from_settings(settings)).start()
+    store = store_from_settings(settings)
+    _background = Background(settings, client, store, lambda job: enqueue(app, job)).start()
 
 
 @signals.worker_shutdown.connect

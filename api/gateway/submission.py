@@ -101,9 +101,9 @@ def webhook_target(tenant: str, url: str | None, field: str) -> str | None:
     return url
 
 
-def launch(prepared: Prepared, tenant: str, key: str | None) -> tuple[Job, bool]:
-    """Record (state queued) and enqueue the job: (the job, True); with an idempotency key
-    this tenant already used, (that first job, False) and nothing enqueued."""
+def record(prepared: Prepared, tenant: str, key: str | None) -> tuple[Job, Job | None]:
+    """Record the job (state queued) and any first step: (the job, the one to queue now), or
+    (the first job, None) when this tenant already used the idempotency key."""
     svc = services()
     submission, params, first_step = prepared.submission, prepared.params, prepared.first_step
     parent = prepared.parent
@@ -125,20 +125,28 @@ def launch(prepared: Prepared, tenant: str, key: str | None) -> tuple[Job, bool]
                     f"idempotency key already used for job {job.id} with other parameters",
                     "idempotency_key",
                 )
-            return job, False
+            return job, None
     if prepared.webhook_url is not None:  # before it is queued: its end cannot be missed
         WebhookStore(svc.redis).watch(job_subject(job.id), prepared.webhook_url)
     if first_step is not None:
         svc.jobs.create(first_step)
         svc.jobs.add_dependent(first_step.id, job.id)
+    return job, first_step or job
+
+
+def launch(prepared: Prepared, tenant: str, key: str | None) -> tuple[Job, bool]:
+    """Record and enqueue the job: (the job, True); with an idempotency key this tenant already
+    used, (that first job, False) and nothing enqueued."""
+    svc = services()
+    job, to_queue = record(prepared, tenant, key)
+    if to_queue is None:
+        return job, False
     try:
-        enqueue(svc.celery, first_step or job)
+        enqueue(svc.celery, to_queue)
     except Exception as error:  # broker unreachable: the job must not sit queued forever
-        for unqueued in filter(None, (first_step, job)):
-            svc.jobs.fail(unqueued.id, "enqueue_failed", f"could not queue the job: {error}")
-        api_error = ApiError(503, "unavailable", "the job queue is unreachable; try again")
-        api_error.extra["job_id"] = job.id
-        raise api_error from error
+        for unqueued in {to_queue.id, job.id}:
+            svc.jobs.fail(unqueued, "enqueue_failed", f"could not queue the job: {error}")
+        raise ApiError(503, "unavailable", "the job queue is unreachable; try again") from error
     return job, True
 
 

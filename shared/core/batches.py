@@ -29,6 +29,17 @@ def batch_items_key(batch_id: str) -> str:
     return f"batch-items:{batch_id}"
 
 
+def batch_unsent_key(batch_id: str) -> str:
+    return f"batch-unsent:{batch_id}"
+
+
+def batch_sender_key(batch_id: str) -> str:
+    return f"batch-sender:{batch_id}"
+
+
+SENDING_KEY = "batches-sending"  # batches whose items' Celery messages are not all sent
+
+
 def tenant_batches_key(tenant: str) -> str:
     return f"tenant-batches:{tenant}"
 
@@ -88,8 +99,11 @@ class BatchStore:
             return None
         return _text(self._redis.get(idem) or b"")
 
-    def create(self, batch: Batch, items: list[tuple[str | None, str]]) -> Batch:
-        """Record the batch and its (custom_id, job_id) items, in submit order."""
+    def create(
+        self, batch: Batch, items: list[tuple[str | None, str]], to_send: list[str]
+    ) -> Batch:
+        """Record the batch, its (custom_id, job_id) items in submit order, and the ids of the
+        jobs the workers are to queue (the items, or a first step they wait for)."""
         pipe = self._redis.pipeline(transaction=True)
         pipe.set(batch_key(batch.id), json.dumps(asdict(batch)))
         for start in range(0, len(items), CHUNK):
@@ -98,9 +112,41 @@ class BatchStore:
                 batch_items_key(batch.id),
                 *(json.dumps({"custom_id": c, "job_id": j}) for c, j in chunk),
             )
+        for start in range(0, len(to_send), CHUNK):
+            pipe.rpush(batch_unsent_key(batch.id), *to_send[start : start + CHUNK])
+        pipe.sadd(SENDING_KEY, batch.id)
         pipe.zadd(tenant_batches_key(batch.tenant), {batch.id: batch.created_at})
         pipe.execute()
         return batch
+
+    # -- sending: any worker may, one at a time per batch (a lease), in submit order ---------
+
+    def sending(self) -> list[str]:
+        return sorted(_text(member) for member in self._redis.smembers(SENDING_KEY))
+
+    def lease_sending(self, batch_id: str, worker: str, lease_s: float) -> bool:
+        """Take (or renew) the right to send this batch's messages for lease_s."""
+        key = batch_sender_key(batch_id)
+        if self._redis.set(key, worker, nx=True, px=int(lease_s * 1000)):
+            return True
+        if _text(self._redis.get(key) or b"") == worker:
+            return bool(self._redis.set(key, worker, xx=True, px=int(lease_s * 1000)))
+        return False
+
+    def next_unsent(self, batch_id: str) -> str | None:
+        """The next job to queue; removed by `sent` only once its message went out, so a
+        sender that dies in between makes the next one send it again (at least once)."""
+        job_id = self._redis.lindex(batch_unsent_key(batch_id), 0)
+        return None if job_id is None else _text(job_id)
+
+    def sent(self, batch_id: str) -> None:
+        self._redis.lpop(batch_unsent_key(batch_id))
+
+    def done_sending(self, batch_id: str) -> None:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.srem(SENDING_KEY, batch_id)
+        pipe.delete(batch_sender_key(batch_id), batch_unsent_key(batch_id))
+        pipe.execute()
 
     def get(self, batch_id: str) -> Batch | None:
         raw = self._redis.get(batch_key(batch_id)) if batch_id else None
@@ -170,8 +216,9 @@ class BatchStore:
     def delete(self, batch: Batch) -> None:
         """The batch record and its item list (its jobs are deleted on their own)."""
         pipe = self._redis.pipeline(transaction=True)
-        pipe.delete(batch_key(batch.id), batch_items_key(batch.id))
+        pipe.delete(batch_key(batch.id), batch_items_key(batch.id), batch_unsent_key(batch.id))
         pipe.zrem(tenant_batches_key(batch.tenant), batch.id)
+        pipe.srem(SENDING_KEY, batch.id)
         pipe.execute()
 
 

@@ -13,7 +13,7 @@ from shared.core.config import Settings
 from shared.core.jobs import Job, JobStore
 from shared.core.webhooks import WebhookStore, verify
 from tests.support.receiver import Receiver
-from workers.background import deliver_due, emit_events
+from workers.background import deliver_due, emit_events, send_batches
 
 
 @pytest.fixture
@@ -130,7 +130,9 @@ def test_a_batch_completes_with_one_event(redis_client, settings, receiver) -> N
     secret = hooks.rotate_secret("acme")
     items = [jobs.create(Job.new("acme", "generate", {"tags": "x"})) for _ in range(3)]
     batch = batches.create(
-        Batch.new("acme", 3, "hash", receiver.url), [(f"c{i}", j.id) for i, j in enumerate(items)]
+        Batch.new("acme", 3, "hash", receiver.url),
+        [(f"c{i}", j.id) for i, j in enumerate(items)],
+        to_send=[],
     )
     hooks.watch(f"batch:{batch.id}", receiver.url)
     for job in items[:2]:
@@ -146,3 +148,27 @@ def test_a_batch_completes_with_one_event(redis_client, settings, receiver) -> N
     data = request.payload["data"]
     assert data["id"] == batch.id and data["state"] == "completed"
     assert data["counts"]["succeeded"] == 2 and data["counts"]["cancelled"] == 1
+
+
+def test_workers_queue_a_batch_in_order_once(redis_client) -> None:
+    jobs, batches = JobStore(redis_client), BatchStore(redis_client)
+    items = [jobs.create(Job.new("acme", "generate", {"tags": "x"})) for _ in range(5)]
+    ids = [job.id for job in items]
+    batch = batches.create(Batch.new("acme", 5, "h", None), [(None, i) for i in ids], ids)
+    jobs.cancel(ids[3])  # cancelled before its message went out: never sent
+    sent: list[str] = []
+
+    def flaky(job: Job) -> None:
+        if job.id == ids[2] and ids[2] not in sent:
+            sent.append(job.id)  # the message went out, then the sender "died"
+            raise ConnectionError("worker lost")
+        sent.append(job.id)
+
+    with pytest.raises(ConnectionError):
+        send_batches(batches, jobs, flaky, "worker-1")
+    assert not batches.lease_sending(batch.id, "worker-2", 60)  # worker-1 holds it...
+    redis_client.delete(f"batch-sender:{batch.id}")  # ...until its lease runs out
+    assert send_batches(batches, jobs, flaky, "worker-2") == 2
+    assert sent == [ids[0], ids[1], ids[2], ids[2], ids[4]]  # at least once, in order
+    assert batches.sending() == [] and batches.next_unsent(batch.id) is None
+    assert send_batches(batches, jobs, flaky, "worker-2") == 0

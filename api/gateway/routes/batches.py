@@ -19,7 +19,7 @@ from api.gateway.app import services
 from api.gateway.auth import authenticate, current_tenant
 from api.gateway.errors import ApiError
 from api.gateway.limits import json_depth
-from api.gateway.submission import Prepared, idempotency_key, launch, prepare, webhook_target
+from api.gateway.submission import Prepared, idempotency_key, prepare, record, webhook_target
 from shared.core.batches import Batch, BatchStore, batch_out
 from shared.core.queueing import revoke
 from shared.core.webhooks import WebhookStore, batch_subject
@@ -195,14 +195,15 @@ def create_batch() -> ResponseReturnValue:
         existing = store.claim_idempotency_key(tenant, key, batch.id)
         if existing is not None:
             return _replay(existing, digest)
-    launched: list[tuple[str | None, str]] = []
+    items_out: list[tuple[str | None, str]] = []
+    to_send: list[str] = []
     for custom_id, item in prepared:
-        try:
-            job_id = launch(item, tenant, None)[0].id
-        except ApiError as error:  # the broker refused it: launch recorded it failed; go on
-            job_id = error.extra["job_id"]
-        launched.append((custom_id, job_id))
-    store.create(batch, launched)
+        job, to_queue = record(item, tenant, None)
+        items_out.append((custom_id, job.id))
+        to_send.append((to_queue or job).id)
+    # the workers send the Celery messages (see workers/background.py): thousands take a
+    # while, and an HTTP request must not
+    store.create(batch, items_out, to_send)
     if webhook_url is not None:
         WebhookStore(services().redis).watch(batch_subject(batch.id), webhook_url)
     response = jsonify(_out(batch))
