@@ -82,8 +82,10 @@ def webhook_target(tenant: str, url: str | None, field: str) -> str | None:
     """Where this job's or batch's event goes: its own URL (checked once per request, as a
     batch names the same one many times) or the tenant's endpoint; signing needs a secret."""
     hooks = WebhookStore(services().redis)
-    if url is None:
-        return hooks.endpoint(tenant)  # checked when it was set
+    if url is None:  # checked when it was set; read once per request
+        if "webhook_endpoint" not in g:
+            g.webhook_endpoint = hooks.endpoint(tenant)
+        return g.webhook_endpoint
     checked: set[str] = g.setdefault("webhook_targets_checked", set())
     if url not in checked:
         if not hooks.has_secret(tenant):
