@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from shared.core.config import Settings, SettingsError
 from shared.core.webhooks import (
     DUE_KEY,
     TargetRefused,
@@ -117,3 +118,13 @@ def test_a_claim_is_leased_and_a_lost_lease_cannot_settle(redis_client) -> None:
 
 def test_backoff_doubles_up_to_its_cap() -> None:
     assert [backoff_s(n, 5.0, 60.0) for n in range(1, 7)] == [5, 10, 20, 40, 60, 60]
+
+
+def test_webhook_and_retention_settings_are_validated() -> None:
+    settings = Settings.from_env(
+        {"HEARTCLUSTER_WEBHOOK_ALLOW_PRIVATE": "yes", "HEARTCLUSTER_RETENTION_DAYS": "0"}
+    )
+    assert settings.webhook_allow_private and settings.retention_days == 0
+    for name, value in (("WEBHOOK_ALLOW_PRIVATE", "maybe"), ("RETENTION_DAYS", "-1")):
+        with pytest.raises(SettingsError, match=f"HEARTCLUSTER_{name}"):
+            Settings.from_env({f"HEARTCLUSTER_{name}": value})
