@@ -22,6 +22,7 @@ from shared.core.config import Settings
 from shared.core.jobs import JobStore, UploadStore
 from shared.core.queueing import TASK_NAME, enqueue, make_celery
 from shared.core.storage import store_from_settings
+from workers.background import Background
 from workers.models import WorkerModels
 from workers.runner import JobRunner
 
@@ -100,3 +101,22 @@ def _stop_engine(**_: Any) -> None:
 def run_job(job_id: str) -> None:
     """Run one job by id (the gateway enqueues by this task's name, never importing it)."""
     runner().run(job_id)
+
+
+# ----- batches, webhooks, retention (workers/background.py): beside the jobs, every worker ---
+
+_background: Background | None = None
+
+
+@signals.worker_ready.connect
+def _start_background(**_: Any) -> None:
+    global _background
+    client = redis.Redis.from_url(settings.redis_url)
+    store = store_from_settings(settings)
+    _background = Background(settings, client, store, lambda job: enqueue(app, job)).start()
+
+
+@signals.worker_shutdown.connect
+def _stop_background(**_: Any) -> None:
+    if _background is not None:
+        _background.stop()

@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from api.client.batch_cli import add_batch_commands
 from api.client.cluster_cli import add_cluster_commands, read_text_or_file
+from api.client.operator_cli import add_operator_commands
 from shared.core.constants import FRAMES_PER_SECOND
 
 if TYPE_CHECKING:
@@ -160,23 +162,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_keys_create(args: argparse.Namespace) -> int:
-    import redis
-
-    from shared.core.config import Settings
-    from shared.core.tenants import TenantStore
-
-    try:
-        settings = Settings.from_env()
-        key = TenantStore(redis.Redis.from_url(settings.redis_url)).create_key(args.tenant)
-    except (ValueError, redis.RedisError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"API key for tenant {args.tenant!r} (shown once; keep it secret):")
-    print(key)
-    return 0
-
-
 def _add_decode_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=10, help="codec flow-matching steps")
     parser.add_argument("--guidance", type=float, default=1.25, help="codec guidance scale")
@@ -308,14 +293,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decode_options(gen)
     gen.set_defaults(handler=_cmd_generate)
 
-    keys = commands.add_parser("keys", help="API keys (stored hashed in Redis)")
-    key_commands = keys.add_subparsers(dest="keys_command", required=True)
-    create_key = key_commands.add_parser(
-        "create", help="create a tenant's API key; prints it alone on the last line"
-    )
-    create_key.add_argument("--tenant", required=True, help="lowercase letters, digits, - and _")
-    create_key.set_defaults(handler=_cmd_keys_create)
-
     dec = commands.add_parser("decode", help="decode tokens.npy [8, T] to audio in this process")
     dec.add_argument("tokens", help="tokens.npy, int array [8, T]")
     dec.add_argument("--out", required=True, help="audio file: .flac, .wav or .mp3")
@@ -346,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(handler=_cmd_transcribe)
 
     add_cluster_commands(commands)
+    add_batch_commands(commands)
+    add_operator_commands(commands)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""A small HTTP client of the gateway, used by the CLI's submit/status/watch/cancel/download.
+"""A small HTTP client of the gateway, used by the CLI (jobs, batches, uploads, webhooks).
 
 Only `requests` (no Flask, Celery or torch), so any machine that can reach the gateway can use it.
 """
@@ -122,6 +122,61 @@ class Client:
                 out.write(chunk)
         partial.replace(path)
         return path
+
+    # ----- batches, deletion, uploads, webhooks -------------------------------------------------
+
+    def submit_batch(
+        self,
+        jsonl: bytes,
+        webhook_url: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Submit JSONL items (one submit body a line, each with an optional custom_id)."""
+        query = {"webhook_url": webhook_url} if webhook_url else {}
+        headers = {"Content-Type": "application/jsonl"}
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
+        return self._request(
+            "POST", "v1/batches", data=jsonl, params=query, headers=headers, timeout=None
+        ).json()
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        return self._request("GET", f"v1/batches/{batch_id}").json()
+
+    def batches(self, limit: int = 20) -> list[dict[str, Any]]:
+        return self._request("GET", "v1/batches", params={"limit": limit}).json()["batches"]
+
+    def batch_results(self, batch_id: str) -> Iterator[dict[str, Any]]:
+        """One dict per item, in submit order."""
+        response = self._request("GET", f"v1/batches/{batch_id}/results", stream=True)
+        with response:
+            for line in response.iter_lines(decode_unicode=True):
+                if line:
+                    yield json.loads(line)
+
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        return self._request("POST", f"v1/batches/{batch_id}/cancel").json()
+
+    def delete_job(self, job_id: str) -> None:
+        self._request("DELETE", f"v1/jobs/{job_id}")
+
+    def uploads(self, limit: int = 50) -> dict[str, Any]:
+        return self._request("GET", "v1/uploads", params={"limit": limit}).json()
+
+    def delete_upload(self, upload_id: str) -> None:
+        self._request("DELETE", f"v1/uploads/{upload_id}")
+
+    def rotate_webhook_secret(self) -> str:
+        """A new signing secret (shown only now); the previous one signs too for a day."""
+        return self._request("POST", "v1/webhooks/secret").json()["secret"]
+
+    def set_webhook_endpoint(self, url: str | None) -> dict[str, Any]:
+        return self._request("PUT", "v1/webhooks/endpoint", json={"url": url}).json()
+
+    def webhook_deliveries(self, **subject: str) -> list[dict[str, Any]]:
+        """Deliveries with their attempts: job_id=..., batch_id=..., or the newest."""
+        reply = self._request("GET", "v1/webhooks/deliveries", params=subject)
+        return reply.json()["deliveries"]
 
 
 def parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:

@@ -55,10 +55,12 @@ def create_app(
     """The gateway. Anything not given is built from `settings` (default: the environment)."""
     from api.gateway.limits import limit_body
     from api.gateway.openapi import bp as openapi_bp
+    from api.gateway.routes.batches import bp as batches_bp
     from api.gateway.routes.health import bp as health_bp
     from api.gateway.routes.jobs import bp as jobs_bp
     from api.gateway.routes.uploads import bp as uploads_bp
     from api.gateway.routes.web import bp as web_bp
+    from api.gateway.routes.webhooks import bp as webhooks_bp
 
     settings = settings or Settings.from_env()
     redis_client = redis_client or redis.Redis.from_url(
@@ -81,6 +83,14 @@ def create_app(
     )
     register_error_handlers(app)
     app.before_request(limit_body)
-    for blueprint in (health_bp, openapi_bp, jobs_bp, uploads_bp, web_bp):
+    for blueprint in (
+        health_bp,
+        openapi_bp,
+        jobs_bp,
+        uploads_bp,
+        batches_bp,
+        webhooks_bp,
+        web_bp,
+    ):
         app.register_blueprint(blueprint)
     return app

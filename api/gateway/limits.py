@@ -18,6 +18,7 @@ from api.gateway.app import services
 from api.gateway.errors import ApiError
 
 UPLOAD_ENDPOINT = "uploads.create_upload"  # bounded by MAX_CONTENT_LENGTH (the upload limit)
+BATCH_ENDPOINT = "batches.create_batch"  # bounded by HEARTCLUSTER_MAX_BATCH_BYTES
 
 _STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')  # a JSON string, escapes included
 _NOT_BRACKET = re.compile(rb"[^\[\]{}]++")
@@ -33,8 +34,11 @@ def json_depth(data: bytes) -> int:
 def limit_body() -> None:
     """Before every request: a body over HEARTCLUSTER_MAX_JSON_BYTES is a 413 on any route but
     uploads (werkzeug refuses it from Content-Length, or while reading a chunked body)."""
-    if request.endpoint != UPLOAD_ENDPOINT:
-        request.max_content_length = services().settings.max_json_bytes
+    settings = services().settings
+    if request.endpoint == BATCH_ENDPOINT:
+        request.max_content_length = settings.max_batch_bytes
+    elif request.endpoint != UPLOAD_ENDPOINT:
+        request.max_content_length = settings.max_json_bytes
 
 
 def json_body() -> Any:

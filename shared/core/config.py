@@ -62,6 +62,17 @@ class Settings:
     redis_timeout_s: float = 5.0
     redis_retry_s: float = 120.0
     data_dir: Path = Path("heartcluster-data")
+    # batches, webhooks and retention
+    max_batch_items: int = 10_000
+    max_batch_bytes: int = 64 * 1024 * 1024  # a batch body (JSON or JSONL)
+    webhook_backoff_s: float = 5.0  # the first retry's delay; each retry doubles it
+    webhook_backoff_max_s: float = 3600.0  # the longest delay between two attempts
+    webhook_retry_for_s: float = 3 * 24 * 3600.0  # retried for this long, then failed
+    webhook_timeout_s: float = 10.0  # one delivery attempt
+    webhook_allow_private: bool = False  # targets on loopback/private/link-local addresses
+    background_poll_s: float = 1.0  # workers look for finished jobs and due deliveries
+    retention_days: float = 0.0  # finished jobs, uploads and batches older go; 0 keeps all
+    retention_sweep_s: float = 3600.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -105,10 +116,34 @@ class Settings:
             job_time_limit_s=reader.get("JOB_TIME_LIMIT_S", cls.job_time_limit_s, _positive(int)),
             lease_s=reader.get("LEASE_S", cls.lease_s, _positive(float)),
             heartbeat_s=reader.get("HEARTBEAT_S", cls.heartbeat_s, _positive(float)),
-            stop_grace_s=reader.get("STOP_GRACE_S", cls.stop_grace_s, _non_negative_float),
+            stop_grace_s=reader.get("STOP_GRACE_S", cls.stop_grace_s, _non_negative),
             redis_timeout_s=reader.get("REDIS_TIMEOUT_S", cls.redis_timeout_s, _positive(float)),
             redis_retry_s=reader.get("REDIS_RETRY_S", cls.redis_retry_s, _positive(float)),
             data_dir=data_dir,
+            max_batch_items=reader.get("MAX_BATCH_ITEMS", cls.max_batch_items, _positive(int)),
+            max_batch_bytes=reader.get("MAX_BATCH_BYTES", cls.max_batch_bytes, _positive(int)),
+            webhook_backoff_s=reader.get(
+                "WEBHOOK_BACKOFF_S", cls.webhook_backoff_s, _positive(float)
+            ),
+            webhook_backoff_max_s=reader.get(
+                "WEBHOOK_BACKOFF_MAX_S", cls.webhook_backoff_max_s, _positive(float)
+            ),
+            webhook_retry_for_s=reader.get(
+                "WEBHOOK_RETRY_FOR_S", cls.webhook_retry_for_s, _positive(float)
+            ),
+            webhook_timeout_s=reader.get(
+                "WEBHOOK_TIMEOUT_S", cls.webhook_timeout_s, _positive(float)
+            ),
+            webhook_allow_private=reader.get(
+                "WEBHOOK_ALLOW_PRIVATE", cls.webhook_allow_private, _bool
+            ),
+            background_poll_s=reader.get(
+                "BACKGROUND_POLL_S", cls.background_poll_s, _positive(float)
+            ),
+            retention_days=reader.get("RETENTION_DAYS", cls.retention_days, _non_negative),
+            retention_sweep_s=reader.get(
+                "RETENTION_SWEEP_S", cls.retention_sweep_s, _positive(float)
+            ),
         )
         if settings.lease_s < LEASE_HEARTBEATS * settings.heartbeat_s:
             raise SettingsError(
@@ -170,11 +205,19 @@ def _positive(kind: Callable[[str], T]) -> Callable[[str], T]:
     return parse
 
 
-def _non_negative_float(value: str) -> float:
+def _non_negative(value: str) -> float:
     number = float(value)
     if not number >= 0:
-        raise ValueError("expected a number of seconds, 0 or more")
+        raise ValueError("expected a number >= 0")
     return number
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
 
 
 def _redis_url(value: str) -> str:

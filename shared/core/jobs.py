@@ -59,6 +59,10 @@ def upload_record_key(upload_id: str) -> str:
     return f"upload:{upload_id}"
 
 
+def tenant_uploads_key(tenant: str) -> str:
+    return f"tenant-uploads:{tenant}"
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 
@@ -312,6 +316,22 @@ class Lease:
     worker: str
 
 
+# KEYS: job, tenant index, dependents. ARGV: id, terminal states. Checked and removed in one step,
+# so a job that is still queued or running can never lose its record.
+_DELETE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return -1 end
+for i = 2, #ARGV do
+  if ARGV[i] == state then
+    redis.call('DEL', KEYS[1], KEYS[3])
+    redis.call('ZREM', KEYS[2], ARGV[1])
+    return 1
+  end
+end
+return 0
+"""
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -340,6 +360,7 @@ class JobStore:
         self._renew = redis_client.register_script(_RENEW)
         self._reap = redis_client.register_script(_REAP)
         self._cancel = redis_client.register_script(_CANCEL)
+        self._delete = redis_client.register_script(_DELETE)
 
     # -- creation and reading -------------------------------------------------------------
 
@@ -382,6 +403,33 @@ class JobStore:
         """The job, or None when it does not exist or belongs to another tenant."""
         job = self.get(job_id)
         return job if job is not None and job.tenant == tenant else None
+
+    def get_many(self, job_ids: list[str]) -> list[Job | None]:
+        """Many jobs in one round trip (None where a job is gone)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(job_key(job_id))
+        return [_decode_hash(raw) if raw else None for raw in pipe.execute()]
+
+    def states(self, job_ids: list[str]) -> list[str | None]:
+        """Only the jobs' states, in one round trip (None where a job is gone): cheap enough to
+        poll for many jobs."""
+        pipe = self._redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(job_key(job_id), "state")
+        return [json.loads(raw) if raw is not None else None for raw in pipe.execute()]
+
+    def delete(self, job_id: str) -> bool | None:
+        """Remove a finished job's record and index entry: True when deleted, False when it has
+        not finished (cancel it first), None when there is no such job."""
+        job = self.get(job_id)
+        if job is None:
+            return None
+        deleted = self._delete(
+            keys=[job_key(job_id), tenant_jobs_key(job.tenant), dependents_key(job_id)],
+            args=[job_id, *(json.dumps(s) for s in sorted(TERMINAL_STATES))],
+        )
+        return None if deleted < 0 else bool(deleted)
 
     def list(
         self,
@@ -740,7 +788,48 @@ class UploadStore:
     def create(self, upload: Upload) -> Upload:
         if not self._redis.set(upload_record_key(upload.id), json.dumps(upload.to_dict()), nx=True):
             raise ValueError(f"upload {upload.id} already exists")
+        self._redis.zadd(tenant_uploads_key(upload.tenant), {upload.id: upload.created_at})
         return upload
+
+    def list(
+        self, tenant: str, limit: int = 50, cursor: str | None = None
+    ) -> tuple[list[Upload], str | None]:
+        """A page of the tenant's uploads, newest first, and the next page's cursor (or None).
+        Raises ValueError for a bad cursor."""
+        max_score, after_id = "+inf", None
+        if cursor is not None:
+            after_score, after_id = _decode_cursor(cursor)
+            max_score = repr(after_score)
+        page: list[Upload] = []
+        offset, batch_size = 0, limit + 1
+        while True:
+            scanned = self._redis.zrevrangebyscore(
+                tenant_uploads_key(tenant),
+                max_score,
+                "-inf",
+                start=offset,
+                num=batch_size,
+                withscores=True,
+            )
+            offset += len(scanned)
+            for member, score in scanned:
+                upload_id = _text(member)
+                if after_id is not None and score == after_score and upload_id >= after_id:
+                    continue  # served on an earlier page
+                upload = self.get(upload_id)
+                if upload is not None:
+                    page.append(upload)
+                    if len(page) == limit:
+                        return page, _encode_cursor(score, upload_id)
+            if len(scanned) < batch_size:
+                return page, None
+
+    def delete(self, upload: Upload) -> None:
+        """The record and its index entry (the caller deletes the file)."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.delete(upload_record_key(upload.id))
+        pipe.zrem(tenant_uploads_key(upload.tenant), upload.id)
+        pipe.execute()
 
     def get(self, upload_id: str) -> Upload | None:
         raw = self._redis.get(upload_record_key(upload_id))

@@ -80,9 +80,10 @@ def enqueue(celery_app: Celery, job: Job) -> None:
     celery_app.send_task(TASK_NAME, args=[job.id], task_id=job.id, queue=queue)
 
 
-def revoke(celery_app: Celery, job_id: str) -> None:
-    """Tell workers to drop a queued job's message (the job store's state is what counts)."""
-    celery_app.control.revoke(job_id)
+def revoke(celery_app: Celery, job_ids: str | list[str]) -> None:
+    """Tell workers to drop queued jobs' messages (the job store's state is what counts); a
+    list goes out as one broadcast."""
+    celery_app.control.revoke(job_ids)
 
 
 def consumed_queues(celery_app: Celery, timeout_s: float = 1.0) -> dict[str, bool]:

@@ -308,6 +308,13 @@ class SubmitRequest(BaseModel):
         description="Resubmitting with the same key returns the first job instead of a new one "
         "(the Idempotency-Key header does the same).",
     )
+    webhook_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=2000,
+        description="Called (signed, Standard Webhooks) with job.succeeded, job.failed or "
+        "job.cancelled when the job ends; default: the tenant's endpoint.",
+    )
 
     @field_validator("idempotency_key")
     @classmethod
@@ -389,6 +396,11 @@ class UploadOut(BaseModel):
     sample_rate: int | None
     channels: int | None
     created_at: float
+
+
+class UploadList(BaseModel):
+    uploads: list[UploadOut]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page.")
 
 
 def job_out(job: Job | dict[str, Any]) -> dict[str, Any]:

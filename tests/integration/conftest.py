@@ -126,6 +126,12 @@ def _base_env(redis_url: str, db: int, tiny_model_dir: Path) -> dict[str, str]:
         "HEARTCLUSTER_MODEL_DIR": str(tiny_model_dir),
         "HEARTCLUSTER_DEVICE": "cpu",
         "HEARTCLUSTER_ENGINE_MAX_ROWS": str(ENGINE_ROWS),
+        # webhooks to a receiver on loopback, retried within the tests' patience
+        "HEARTCLUSTER_WEBHOOK_ALLOW_PRIVATE": "1",
+        "HEARTCLUSTER_BACKGROUND_POLL_S": "0.1",
+        "HEARTCLUSTER_WEBHOOK_BACKOFF_S": "0.2",
+        "HEARTCLUSTER_WEBHOOK_BACKOFF_MAX_S": "0.5",
+        "HEARTCLUSTER_WEBHOOK_TIMEOUT_S": "2",
     }
 
 

@@ -20,8 +20,8 @@ class RecordingCelery:
             raise ConnectionError("broker down")
         self.sent.append({"name": name, "args": args, "task_id": task_id, "queue": queue})
 
-    def revoke(self, task_id: str) -> None:
-        self.revoked.append(task_id)
+    def revoke(self, task_ids: str | list[str]) -> None:
+        self.revoked += [task_ids] if isinstance(task_ids, str) else task_ids
 
     def inspect(self, timeout: float) -> RecordingCelery:
         return self

@@ -14,13 +14,13 @@ from api.gateway.auth import authenticate, current_tenant
 from api.gateway.errors import ApiError
 from api.gateway.limits import json_body
 from api.gateway.replies import EVENT_STREAM, artifact_content
-from shared.core.inputs import InputNotFound, SourceUpload
+from api.gateway.submission import idempotency_key, launch, prepare
 from shared.core.jobs import STATES, Job
-from shared.core.jobtypes import JOB_TYPES, JobType, parse_submit
-from shared.core.queueing import enqueue, revoke
-from shared.core.schemas import InvalidRequest, JobList, JobOut, Params, SubmitRequest, job_out
+from shared.core.jobtypes import JOB_TYPES
+from shared.core.queueing import revoke
+from shared.core.retention import Deleter, NotFinished
+from shared.core.schemas import JobList, JobOut, SubmitRequest, job_out
 from shared.core.storage import ObjectNotFound, artifact_key, content_type_for
-from shared.core.tokens import InputError
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 bp.before_request(authenticate)
@@ -35,27 +35,6 @@ def _job_or_404(job_id: str) -> Job:
     if job is None:
         raise ApiError(404, "not_found", f"no job {job_id}")
     return job
-
-
-def _check_inputs(tenant: str, entry: JobType, params: Params) -> tuple[Job | None, Job | None]:
-    """The jobs and uploads the params name must be this tenant's (else 404) and usable (else
-    422); then the type's own checks, which may fill inherited params in place.
-
-    Returns (the parent job the new one builds on, a first step to run before it).
-    """
-    try:
-        resolved = services().inputs.resolve(tenant, entry.inputs, params)
-        if entry.check is not None:
-            entry.check(params, resolved, services().settings)
-    except InputNotFound as error:
-        raise ApiError(404, "not_found", error.message, f"params.{error.field}") from None
-    except InputError as error:
-        raise ApiError(422, "invalid_params", error.message, f"params.{error.field}") from None
-    for spec in entry.inputs:
-        if isinstance(spec, SourceUpload) and spec.first_step and spec.field in resolved.uploads:
-            first = Job.new(tenant, spec.first_step, {spec.field: resolved.uploads[spec.field].id})
-            return first, first
-    return resolved.parent, None
 
 
 @bp.post("")
@@ -93,71 +72,16 @@ def submit() -> ResponseReturnValue:
     With an idempotency key (header `Idempotency-Key` or body `idempotency_key`) a repeated
     submit answers 200 with the first job and enqueues nothing.
     """
-    svc = services()
     tenant = current_tenant()
-    try:
-        submission, entry, params = parse_submit(json_body(), svc.settings)
-    except InvalidRequest as error:
-        # a body that is not an object is malformed (400); a bad field is invalid (422)
-        if error.field is None:
-            api_error = ApiError(400, "bad_request", error.message)
-        else:
-            api_error = ApiError(422, "invalid_params", error.message, error.field)
-        api_error.extra["details"] = error.details
-        raise api_error from None
-    key = _idempotency_key(submission.idempotency_key)
-    # an extend of an uploaded song waits for an encode job of that upload (its parent)
-    parent, first_step = _check_inputs(tenant, entry, params)
-    job = Job.new(
-        tenant, submission.type, params.model_dump(), parent_job_id=parent.id if parent else None
-    )
-    if first_step is not None:
-        job.stage = "waiting"
-        job.message = f"waiting for {first_step.type} job {first_step.id}"
-    if key is None:
-        svc.jobs.create(job)
-    else:
-        job, created = svc.jobs.create_idempotent(job, key)
-        if not created:
-            if (job.type, job.params) != (submission.type, params.model_dump()):
-                raise ApiError(
-                    409,
-                    "idempotency_conflict",
-                    f"idempotency key already used for job {job.id} with other parameters",
-                    "idempotency_key",
-                )
-            response = jsonify(job_out(job))
-            response.headers["Location"] = f"/v1/jobs/{job.id}"
-            response.headers["Idempotent-Replayed"] = "true"
-            return response
-    if first_step is not None:
-        svc.jobs.create(first_step)
-        svc.jobs.add_dependent(first_step.id, job.id)
-    try:
-        enqueue(svc.celery, first_step or job)
-    except Exception as error:  # broker unreachable: the job must not sit queued forever
-        for unqueued in filter(None, (first_step, job)):
-            svc.jobs.fail(unqueued.id, "enqueue_failed", f"could not queue the job: {error}")
-        raise ApiError(503, "unavailable", "the job queue is unreachable; try again") from error
+    prepared = prepare(tenant, json_body())
+    job, created = launch(prepared, tenant, idempotency_key(prepared.submission.idempotency_key))
     response = jsonify(job_out(job))
-    response.status_code = 202
     response.headers["Location"] = f"/v1/jobs/{job.id}"
+    if created:
+        response.status_code = 202
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
     return response
-
-
-def _idempotency_key(from_body: str | None) -> str | None:
-    header = request.headers.get("Idempotency-Key")
-    if header is not None and not 1 <= len(header.strip()) <= 200:
-        raise ApiError(422, "invalid_params", "must be 1 to 200 characters", "Idempotency-Key")
-    header = header.strip() if header is not None else None
-    if header and from_body and header != from_body:
-        raise ApiError(
-            422,
-            "invalid_params",
-            "the Idempotency-Key header and idempotency_key differ",
-            "idempotency_key",
-        )
-    return header or from_body
 
 
 @bp.get("")
@@ -217,6 +141,27 @@ def cancel_job(job_id: str) -> ResponseReturnValue:
     if before.state == "queued" and job.state == "cancelled":
         revoke(svc.celery, job_id)
     return jsonify(job_out(job))
+
+
+@bp.delete("/<job_id>")
+@documented(
+    {
+        204: Reply("Deleted: the record, its artifacts and its webhook state"),
+        404: NOT_FOUND,
+        409: "The job has not finished: cancel it first",
+    }
+)
+def delete_job(job_id: str) -> ResponseReturnValue:
+    """Delete a finished job: its record, artifacts and webhook state go (204). A queued or
+    running job is a 409: cancel it first. Another tenant's job is a 404."""
+    svc = services()
+    try:
+        found = Deleter(svc.redis, svc.store).delete_job(current_tenant(), job_id)
+    except NotFinished as error:
+        raise ApiError(409, "conflict", str(error)) from None
+    if not found:
+        raise ApiError(404, "not_found", f"no job {job_id}")
+    return "", 204
 
 
 @bp.get("/<job_id>/events")

@@ -1,4 +1,4 @@
-"""/v1/uploads: input files (audio, or .npy token arrays) for encode and decode jobs."""
+"""/v1/uploads: input files (audio, or .npy token arrays) for jobs: create, list, get, delete."""
 
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ from api.gateway.errors import ApiError
 from shared.core.audio import AudioLimits, probe_audio
 from shared.core.constants import FRAMES_PER_SECOND, frames_for_seconds
 from shared.core.jobs import Upload, new_id
-from shared.core.schemas import UploadOut, upload_out
+from shared.core.retention import Deleter
+from shared.core.schemas import UploadList, UploadOut, upload_out
 from shared.core.storage import content_type_for, upload_key
 from shared.core.tokens import read_tokens
 
 bp = Blueprint("uploads", __name__, url_prefix="/v1/uploads")
 bp.before_request(authenticate)
+
+MAX_PAGE = 200
 
 
 def probe_tokens(path: Path, max_seconds: float) -> float:
@@ -127,3 +130,57 @@ def create_upload() -> ResponseReturnValue:
     response = jsonify(upload_out(upload))
     response.status_code = 201
     return response
+
+
+@bp.get("")
+@documented(
+    {
+        200: Reply("The page of uploads, newest first", UploadList),
+        422: "A bad `limit` or `cursor`",
+    },
+    query={
+        "limit": {"schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 50}},
+        "cursor": {
+            "description": "`next_cursor` of the previous page",
+            "schema": {"type": "string", "minLength": 1},
+        },
+    },
+)
+def list_uploads() -> ResponseReturnValue:
+    """The tenant's uploads, newest first; pages by `limit` (1-200) and `cursor`."""
+    try:
+        limit = int(request.args.get("limit", "50"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_PAGE:
+        raise ApiError(422, "invalid_params", f"limit must be 1 to {MAX_PAGE}", "limit")
+    try:
+        uploads, cursor = services().uploads.list(
+            current_tenant(), limit=limit, cursor=request.args.get("cursor")
+        )
+    except ValueError as error:
+        raise ApiError(422, "invalid_params", str(error), "cursor") from None
+    return jsonify({"uploads": [upload_out(u) for u in uploads], "next_cursor": cursor})
+
+
+@bp.get("/<upload_id>")
+@documented({200: Reply("The upload", UploadOut), 404: "No such upload (or another tenant's)"})
+def get_upload(upload_id: str) -> ResponseReturnValue:
+    """One upload (another tenant's is a 404)."""
+    upload = services().uploads.get_for_tenant(current_tenant(), upload_id)
+    if upload is None:
+        raise ApiError(404, "not_found", f"no upload {upload_id}")
+    return jsonify(upload_out(upload))
+
+
+@bp.delete("/<upload_id>")
+@documented(
+    {204: Reply("Deleted: the file and its record"), 404: "No such upload (or another tenant's)"}
+)
+def delete_upload(upload_id: str) -> ResponseReturnValue:
+    """Delete an upload's file and record (204); jobs that already read it keep their results,
+    queued ones that still need it fail naming it."""
+    svc = services()
+    if not Deleter(svc.redis, svc.store).delete_upload(current_tenant(), upload_id):
+        raise ApiError(404, "not_found", f"no upload {upload_id}")
+    return "", 204

@@ -1,0 +1,168 @@
+"""One job from a submit body to the queue: validate (`prepare`), then record and enqueue
+(`launch`).
+
+The submit route and every batch item take these same two steps, so a batch item is exactly a
+job submitted alone; a batch prepares all its items before it launches any.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from flask import g, request
+
+from api.gateway.app import services
+from api.gateway.errors import ApiError
+from shared.core.inputs import InputNotFound, SourceUpload
+from shared.core.jobs import Job
+from shared.core.jobtypes import JobType, parse_submit
+from shared.core.queueing import enqueue
+from shared.core.schemas import InvalidRequest, Params, SubmitRequest
+from shared.core.tokens import InputError
+from shared.core.webhooks import TargetRefused, WebhookStore, check_target, job_subject
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated submit: its params (inherited ones filled in) and what it builds on."""
+
+    submission: SubmitRequest
+    entry: JobType
+    params: Params
+    parent: Job | None  # the job the new one builds on
+    first_step: Job | None  # a job to run first (encoding an uploaded song before an extend)
+    webhook_url: str | None
+
+
+def invalid(error: InvalidRequest) -> ApiError:
+    """A body that is not an object is malformed (400); a bad field is invalid (422)."""
+    if error.field is None:
+        api_error = ApiError(400, "bad_request", error.message)
+    else:
+        api_error = ApiError(422, "invalid_params", error.message, error.field)
+    api_error.extra["details"] = error.details
+    return api_error
+
+
+def prepare(tenant: str, body: Any) -> Prepared:
+    """Validate a submit body and the inputs it names; ApiError naming the field if not."""
+    try:
+        submission, entry, params = parse_submit(body, services().settings)
+    except InvalidRequest as error:
+        raise invalid(error) from None
+    parent, first_step = _check_inputs(tenant, entry, params)
+    webhook_url = webhook_target(tenant, submission.webhook_url, "webhook_url")
+    return Prepared(submission, entry, params, parent, first_step, webhook_url)
+
+
+def _check_inputs(tenant: str, entry: JobType, params: Params) -> tuple[Job | None, Job | None]:
+    """The jobs and uploads the params name must be this tenant's (else 404) and usable (else
+    422); then the type's own checks, which may fill inherited params in place.
+
+    Returns (the parent job the new one builds on, a first step to run before it).
+    """
+    svc = services()
+    try:
+        resolved = svc.inputs.resolve(tenant, entry.inputs, params)
+        if entry.check is not None:
+            entry.check(params, resolved, svc.settings)
+    except InputNotFound as error:
+        raise ApiError(404, "not_found", error.message, f"params.{error.field}") from None
+    except InputError as error:
+        raise ApiError(422, "invalid_params", error.message, f"params.{error.field}") from None
+    for spec in entry.inputs:
+        if isinstance(spec, SourceUpload) and spec.first_step and spec.field in resolved.uploads:
+            first = Job.new(tenant, spec.first_step, {spec.field: resolved.uploads[spec.field].id})
+            return first, first
+    return resolved.parent, None
+
+
+def webhook_target(tenant: str, url: str | None, field: str) -> str | None:
+    """Where this job's or batch's event goes: its own URL (checked once per request, as a
+    batch names the same one many times) or the tenant's endpoint; signing needs a secret."""
+    hooks = WebhookStore(services().redis)
+    if url is None:  # checked when it was set; read once per request
+        if "webhook_endpoint" not in g:
+            g.webhook_endpoint = hooks.endpoint(tenant)
+        return g.webhook_endpoint
+    checked: set[str] = g.setdefault("webhook_targets_checked", set())
+    if url not in checked:
+        if not hooks.has_secret(tenant):
+            raise ApiError(
+                422,
+                "invalid_params",
+                "create a signing secret first (POST /v1/webhooks/secret)",
+                field,
+            )
+        try:
+            check_target(url, services().settings.webhook_allow_private)
+        except TargetRefused as error:
+            raise ApiError(422, "invalid_params", str(error), field) from None
+        checked.add(url)
+    return url
+
+
+def record(prepared: Prepared, tenant: str, key: str | None) -> tuple[Job, Job | None]:
+    """Record the job (state queued) and any first step: (the job, the one to queue now), or
+    (the first job, None) when this tenant already used the idempotency key."""
+    svc = services()
+    submission, params, first_step = prepared.submission, prepared.params, prepared.first_step
+    parent = prepared.parent
+    job = Job.new(
+        tenant, submission.type, params.model_dump(), parent_job_id=parent.id if parent else None
+    )
+    if first_step is not None:
+        job.stage = "waiting"
+        job.message = f"waiting for {first_step.type} job {first_step.id}"
+    if key is None:
+        svc.jobs.create(job)
+    else:
+        job, created = svc.jobs.create_idempotent(job, key)
+        if not created:
+            if (job.type, job.params) != (submission.type, params.model_dump()):
+                raise ApiError(
+                    409,
+                    "idempotency_conflict",
+                    f"idempotency key already used for job {job.id} with other parameters",
+                    "idempotency_key",
+                )
+            return job, None
+    if prepared.webhook_url is not None:  # before it is queued: its end cannot be missed
+        WebhookStore(svc.redis).watch(job_subject(job.id), prepared.webhook_url)
+    if first_step is not None:
+        svc.jobs.create(first_step)
+        svc.jobs.add_dependent(first_step.id, job.id)
+    return job, first_step or job
+
+
+def launch(prepared: Prepared, tenant: str, key: str | None) -> tuple[Job, bool]:
+    """Record and enqueue the job: (the job, True); with an idempotency key this tenant already
+    used, (that first job, False) and nothing enqueued."""
+    svc = services()
+    job, to_queue = record(prepared, tenant, key)
+    if to_queue is None:
+        return job, False
+    try:
+        enqueue(svc.celery, to_queue)
+    except Exception as error:  # broker unreachable: the job must not sit queued forever
+        for unqueued in {to_queue.id, job.id}:
+            svc.jobs.fail(unqueued, "enqueue_failed", f"could not queue the job: {error}")
+        raise ApiError(503, "unavailable", "the job queue is unreachable; try again") from error
+    return job, True
+
+
+def idempotency_key(from_body: str | None) -> str | None:
+    """The `Idempotency-Key` header or the body's `idempotency_key` (they must agree)."""
+    header = request.headers.get("Idempotency-Key")
+    if header is not None and not 1 <= len(header.strip()) <= 200:
+        raise ApiError(422, "invalid_params", "must be 1 to 200 characters", "Idempotency-Key")
+    header = header.strip() if header is not None else None
+    if header and from_body and header != from_body:
+        raise ApiError(
+            422,
+            "invalid_params",
+            "the Idempotency-Key header and idempotency_key differ",
+            "idempotency_key",
+        )
+    return header or from_body
