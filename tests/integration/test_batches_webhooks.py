@@ -111,7 +111,9 @@ def test_cancelling_a_batch_midway_leaves_nothing_running(local_cluster: Cluster
 
     wait_for("the short items to end and a long one to run", midway)
     cancelled = cluster.http("alice").post(f"{cluster.url}/v1/batches/{batch_id}/cancel")
-    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelling"
+    # a running item stops within a frame: it may have ended before the reply was built
+    assert cancelled.status_code == 200 and cancelled.json()["state"] in ("cancelling", "cancelled")
+    assert cancelled.json()["cancel_requested"] is True
     final = wait_for(
         "the batch to end",
         lambda: (b := batch(cluster, "alice", batch_id))["state"] == "cancelled" and b,
