@@ -23,6 +23,7 @@ import requests
 from shared.core.batches import BatchStore, batch_out
 from shared.core.config import Settings
 from shared.core.jobs import TERMINAL_STATES, Job, JobStore
+from shared.core.outage import REDIS_ERRORS, Outage
 from shared.core.retention import sweep
 from shared.core.schemas import job_out
 from shared.core.storage import ObjectStore
@@ -163,8 +164,10 @@ class Background:
         client: redis.Redis,
         store: ObjectStore,
         send: Callable[[Job], None],
+        outage: Outage,
     ) -> None:
         self.settings = settings
+        self.outage = outage
         self.client = client
         self.store = store
         self.send = send
@@ -206,6 +209,9 @@ class Background:
         while not self._stop.is_set():
             try:
                 step()
-            except Exception:  # noqa: BLE001 (Redis or a receiver hiccup: try again next round)
+                self.outage.ok()
+            except REDIS_ERRORS as error:  # Redis away: said once, tried again next round
+                self.outage.failed(error)
+            except Exception:  # noqa: BLE001 (a receiver or store hiccup: try again next round)
                 log.exception("background step %s failed", step.__name__)
             self._stop.wait(self.settings.background_poll_s)

@@ -11,6 +11,7 @@ the runner stops its jobs itself after a grace period and puts them back in the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from typing import Any
@@ -36,16 +37,22 @@ _runner: JobRunner | None = None
 _runner_lock = threading.Lock()
 
 
+@functools.cache
+def _redis_client() -> redis.Redis:
+    """This process's Redis client: socket timeouts, so no call hangs while Redis is away."""
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+    )
+
+
 def runner() -> JobRunner:
     """This process's JobRunner (built once; models load on first use if not preloaded)."""
     global _runner
     with _runner_lock:
         if _runner is None:
-            client = redis.Redis.from_url(
-                settings.redis_url,
-                socket_timeout=settings.redis_timeout_s,
-                socket_connect_timeout=settings.redis_timeout_s,
-            )
+            client = _redis_client()
             _runner = JobRunner(
                 settings,
                 JobStore(client),
@@ -110,10 +117,13 @@ _background: Background | None = None
 
 @signals.worker_ready.connect
 def _start_background(**_: Any) -> None:
+    """Beside the jobs: shares the runner's Redis client and its outage log (one line each way
+    when Redis goes away and comes back, whichever thread notices)."""
     global _background
-    client = redis.Redis.from_url(settings.redis_url)
-    store = store_from_settings(settings)
-    _background = Background(settings, client, store, lambda job: enqueue(app, job)).start()
+    jobs = runner()
+    _background = Background(
+        settings, _redis_client(), jobs.objects, lambda job: enqueue(app, job), jobs.outage
+    ).start()
 
 
 @signals.worker_shutdown.connect

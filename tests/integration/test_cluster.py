@@ -187,7 +187,7 @@ def test_transcribe_a_song_on_the_cpu_worker(local_cluster: Cluster) -> None:
     cluster = local_cluster
     song = cluster.submit("alice", "generate", {**SHORT, "duration_s": 1.0})
     assert cluster.wait("alice", song["id"])["state"] == "succeeded"
-    job = cluster.submit("alice", "transcribe", {"source_job_id": song["id"]})
+    job = cluster.submit("alice", "transcribe", {"source_job_id": song["id"], "language": "en"})
     final = cluster.wait("alice", job["id"])
     assert final["state"] == "succeeded", final["error"]
     assert {"transcript.json", "lyrics.lrc", "lyrics.srt"} <= set(final["artifacts"])

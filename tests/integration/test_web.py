@@ -176,7 +176,9 @@ def test_make_hear_download_and_inpaint_a_song(
     transcribed = cluster.http("alice").get(
         f"{cluster.url}/v1/jobs", params={"type": "transcribe"}, timeout=10
     )
-    (transcription,) = transcribed.json()["jobs"]
+    (transcription,) = [
+        job for job in transcribed.json()["jobs"] if job["params"]["source_job_id"] == repaired_id
+    ]
     transcript = json.loads(
         cluster.artifact("alice", transcription["id"], "transcript.json").content
     )
