@@ -54,8 +54,10 @@ def create_app(
 ) -> Flask:
     """The gateway. Anything not given is built from `settings` (default: the environment)."""
     from api.gateway.limits import limit_body
+    from api.gateway.metrics import register_metrics
     from api.gateway.openapi import bp as openapi_bp
     from api.gateway.routes.batches import bp as batches_bp
+    from api.gateway.routes.docs import bp as docs_bp
     from api.gateway.routes.health import bp as health_bp
     from api.gateway.routes.jobs import bp as jobs_bp
     from api.gateway.routes.uploads import bp as uploads_bp
@@ -82,6 +84,7 @@ def create_app(
         celery=celery_app or make_celery(settings),
     )
     register_error_handlers(app)
+    register_metrics(app)
     app.before_request(limit_body)
     for blueprint in (
         health_bp,
@@ -91,6 +94,7 @@ def create_app(
         batches_bp,
         webhooks_bp,
         web_bp,
+        docs_bp,
     ):
         app.register_blueprint(blueprint)
     return app
