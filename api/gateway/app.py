@@ -23,6 +23,9 @@ from shared.core.tenants import TenantStore
 
 # multipart framing around an upload of the maximum size
 UPLOAD_OVERHEAD_BYTES = 64 * 1024
+# Redis connections per gateway process: an open SSE stream holds one (its subscription) and its
+# thread may take another; redis-py's default of 100 refused the 101st stream.
+REDIS_CONNECTIONS = 1024
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ def create_app(
         socket_connect_timeout=settings.redis_timeout_s,
         socket_timeout=settings.redis_timeout_s,  # no request hangs while Redis is away
         health_check_interval=30,
+        max_connections=REDIS_CONNECTIONS,
     )
     app = Flask("heartcluster")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + UPLOAD_OVERHEAD_BYTES
