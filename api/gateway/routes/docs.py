@@ -36,7 +36,7 @@ def _policy(response: Response) -> Response:
 
 @bp.get("/docs")
 @documented({200: Reply("The API page", content={"text/html": _TEXT})})
-def docs() -> ResponseReturnValue:
+def docs_page() -> ResponseReturnValue:
     """Interactive API documentation: every route of /openapi.json, with "Try it out"."""
     return send_from_directory(STATIC_DIR, "docs.html", max_age=0)
 
@@ -48,7 +48,7 @@ def docs() -> ResponseReturnValue:
         404: "No such file",
     }
 )
-def asset(name: str) -> ResponseReturnValue:
+def docs_asset(name: str) -> ResponseReturnValue:
     """Swagger UI's files (from the swagger-ui-bundle package) and the page's start script."""
     if name == "docs.js":
         return send_from_directory(STATIC_DIR, name, max_age=0)
