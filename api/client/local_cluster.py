@@ -37,12 +37,12 @@ from api.client.launcher import (
     worker_command,
     worker_env,
 )
+from api.client.local_config import KEY_FILE, forget_url, save_url
 from shared.core.config import PREFIX, Settings
 from shared.core.queueing import consumed_queues, make_celery
 from shared.core.tenants import TenantStore
 
 LOCAL_TENANT = "local"
-KEY_FILE = "api-key"
 QUEUES = ("gpu", "cpu")
 TINY_BANNER = (
     "\n"
@@ -120,6 +120,7 @@ class LocalCluster:
             }
             self._spawn("gateway", gateway_command(self.host, self.port), gateway_env)
             self._wait_ready(settings, time.monotonic() + timeout_s)
+            save_url(self.data_dir, self.url)  # client commands find the cluster by it
         except BaseException:
             self.stop()
             raise
@@ -171,6 +172,7 @@ class LocalCluster:
     def stop(self) -> None:
         """Gateway first, then workers (warm shutdown: after HEARTCLUSTER_STOP_GRACE_S their
         running jobs go back to the queue), then our Redis."""
+        forget_url(self.data_dir, self.url)
         names = [n for n in ("gateway", "gpu-worker", "cpu-worker") if n in self.processes]
         stop_processes([self.processes.pop(n) for n in names])
         if self._redis is not None:
