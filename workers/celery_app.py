@@ -23,6 +23,7 @@ from shared.core.config import Settings
 from shared.core.jobs import JobStore, UploadStore
 from shared.core.queueing import TASK_NAME, enqueue, make_celery
 from shared.core.storage import store_from_settings
+from workers import metrics
 from workers.background import Background
 from workers.models import WorkerModels
 from workers.runner import JobRunner
@@ -87,6 +88,7 @@ def _load_models(sender: Any, **_: Any) -> None:
         log.exception("loading models failed")
         raise SystemExit(f"heartcluster worker: loading models failed: {error}") from error
     runner().leases.start()  # renews this worker's leases and reaps lost workers' jobs, idle or not
+    metrics.serve(settings.metrics_port, runner().models)
 
 
 @signals.worker_shutting_down.connect

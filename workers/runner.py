@@ -30,11 +30,12 @@ from shared.core.jobs import Job, JobStore, Lease, UploadStore, new_id
 from shared.core.jobtypes import JOB_TYPES, parse_params
 from shared.core.outage import REDIS_ERRORS, Outage
 from shared.core.progress import Aborted, share_of
-from shared.core.schemas import invalid_request
+from shared.core.schemas import AUDIO_ARTIFACTS, invalid_request
 from shared.core.storage import METADATA, ObjectStore, artifact_key, content_type_for, job_prefix
 from shared.core.tokens import InputError
 from shared.ml.generation.engine import RequestError
 from shared.ml.pipelines import NothingGenerated
+from workers import metrics
 from workers.handlers import HANDLERS, JobContext, Output
 from workers.lease import LeaseKeeper
 from workers.models import WorkerModels
@@ -153,6 +154,7 @@ class JobRunner:
             log.info("job %s: %s (%s); not running it", job_id, outcome, job.state)
             return
         lost = self.leases.hold(lease)
+        metrics.job_started(job)
         try:
             self._run_started(job, lease, lost)
         finally:
@@ -205,7 +207,7 @@ class JobRunner:
                     self.models,
                     self.inputs,
                     self.settings,
-                    share_of(progress, 0.0, PIPELINE_SHARE),
+                    share_of(metrics.counting_frames(progress), 0.0, PIPELINE_SHARE),
                     should_abort,
                 )
                 output = HANDLERS[job.type](context)
@@ -245,9 +247,11 @@ class JobRunner:
         # Never deletes the artifacts: a succeed that cannot reach Redis is retried, and past
         # that the lease expires and the job runs again, overwriting them.
         done = self._settle(
-            lease, "succeeded", lambda: self.jobs.succeed(job.id, names, lease.lease_id)
+            job, lease, "succeeded", lambda: self.jobs.succeed(job.id, names, lease.lease_id)
         )
         if done:
+            if any(name in AUDIO_ARTIFACTS for name in output.files):
+                metrics.audio_decoded(float(output.metadata.get("duration_s", 0.0)))
             log.info("job %s succeeded (worker %s)", job.id, self.worker)
 
     def _aborted(self, job: Job, lease: Lease, reason: str | None) -> None:
@@ -261,7 +265,7 @@ class JobRunner:
         elif reason == "stopping":
             self._hand_back(job, lease)
         elif self._settle(
-            lease, "cancelled", lambda: self.jobs.mark_cancelled(job.id, lease.lease_id)
+            job, lease, "cancelled", lambda: self.jobs.mark_cancelled(job.id, lease.lease_id)
         ):
             self._delete_artifacts(job)
 
@@ -275,13 +279,19 @@ class JobRunner:
     def _end_failed(self, job: Job, lease: Lease, code: str, message: str) -> None:
         """Fenced: a worker that lost the job neither fails it nor deletes the artifacts."""
         if self._settle(
-            lease, "failed", lambda: self.jobs.fail(job.id, code, message, lease.lease_id)
+            job, lease, "failed", lambda: self.jobs.fail(job.id, code, message, lease.lease_id)
         ):
             self._delete_artifacts(job)
 
-    def _settle(self, lease: Lease, state: str, change: Callable[[], Job | None]) -> bool:
+    def _settle(self, job: Job, lease: Lease, state: str, change: Callable[[], Job | None]) -> bool:
         """Apply a fenced final change, retried while Redis is away. True when the job ended in
         `state` under this lease (also when a retry finds the first try had landed)."""
+        settled = self._settled(lease, state, change)
+        if settled:
+            metrics.job_ended(job, state)
+        return settled
+
+    def _settled(self, lease: Lease, state: str, change: Callable[[], Job | None]) -> bool:
         try:
             if self._store(change) is not None:
                 return True

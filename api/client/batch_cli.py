@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from api.client.cluster_cli import _client, _client_options, _reporting_errors
+from api.client.cluster_cli import _client, _client_options
 
 WATCH_POLL_S = 1.0
 
@@ -106,7 +106,7 @@ def _cmd_deliveries(args: argparse.Namespace) -> int:
 def _command(group: argparse._SubParsersAction, name: str, handler, text: str):
     parser = group.add_parser(name, help=text)
     _client_options(parser)
-    parser.set_defaults(handler=_reporting_errors(handler))
+    parser.set_defaults(handler=handler)
     return parser
 
 

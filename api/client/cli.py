@@ -9,11 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from api.client.batch_cli import add_batch_commands
+from api.client.cli_errors import run_reporting_errors
 from api.client.cluster_cli import add_cluster_commands, read_text_or_file
+from api.client.jobs_cli import add_jobs_commands
 from api.client.operator_cli import add_operator_commands
 from shared.core.constants import FRAMES_PER_SECOND
 
@@ -246,8 +249,37 @@ def _model_options(parser: argparse.ArgumentParser, holds: str) -> None:
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help lines end with the option's default, unless they name it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        shown = "default" in text or default in (None, False, "", argparse.SUPPRESS)
+        if shown or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every subcommand's parser is one of these too (argparse makes them of the parent's
+    class), so every help text shows its defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("heartcluster")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="heartcluster", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="heartcluster", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"heartcluster {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     models = commands.add_parser("models", help="model directories")
@@ -280,9 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tags", required=True, help="comma-separated, e.g. piano,happy")
     gen.add_argument("--lyrics", default="", help="lyrics text, or a file holding them")
     gen.add_argument("--duration", type=float, default=120.0, help="seconds")
-    gen.add_argument("--temperature", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=50)
-    gen.add_argument("--cfg-scale", type=float, default=1.5)
+    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    gen.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest codes")
+    gen.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--history", help="tokens.npy [8, T] to continue from")
     gen.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: per device)")
@@ -323,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(handler=_cmd_transcribe)
 
     add_cluster_commands(commands)
+    add_jobs_commands(commands)
     add_batch_commands(commands)
     add_operator_commands(commands)
     return parser
@@ -330,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    return run_reporting_errors(args.handler, args)
 
 
 if __name__ == "__main__":

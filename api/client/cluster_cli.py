@@ -10,26 +10,43 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-import requests
+from api.client.cli_errors import UsageError
+from api.client.local_config import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_URL,
+    KEY_FILE,
+    api_key,
+    default_data_dir,
+    gateway_url,
+)
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-DEFAULT_DATA_DIR = "heartcluster-data"
 AUDIO_NAMES = ("audio.flac", "audio.wav", "audio.mp3")
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
+LYRICS_FILE_SUFFIXES = (".txt", ".lrc", ".md", ".lyrics")
+
+
 def read_text_or_file(value: str) -> str:
-    """CLI convenience: a local file's contents when the value names one, else the value."""
+    """CLI convenience: a local file's contents when the value names one, else the value. A
+    value that looks like a path (one word with a slash or a text-file suffix) but names no
+    file is an error, not lyrics."""
     path = Path(value)
     if value and path.is_file():
         print(f"reading lyrics from {path}", file=sys.stderr)
         return path.read_text(encoding="utf-8")
+    one_word = value != "" and not any(c.isspace() for c in value)
+    if one_word and ("/" in value or path.suffix.lower() in LYRICS_FILE_SUFFIXES):
+        raise UsageError(
+            f"--lyrics {value}: no such file (pass the lyrics text itself, or an existing file)"
+        )
     return value
 
 
@@ -58,8 +75,17 @@ def _stop_undisturbed(cluster) -> None:
     cluster.stop()
 
 
+def up_hint(data_dir: str) -> str:
+    """A first command that finds this cluster as printed (its data directory holds the URL
+    and key; named when it is not the one client commands look in by default)."""
+    hint = "heartcluster submit generate --tags piano,happy --duration 10 --watch"
+    if Path(data_dir).resolve() != Path(default_data_dir()).resolve():
+        hint += f" --data-dir {shlex.quote(data_dir)}"
+    return hint
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
-    from api.client.local_cluster import KEY_FILE, LocalCluster
+    from api.client.local_cluster import LocalCluster
 
     cluster = LocalCluster(Path(args.data_dir), args.host, args.port)
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -67,7 +93,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
         cluster.start()
         print(f"heartcluster is up at {cluster.url} (data in {cluster.data_dir})")
         print(f"logs: {cluster.log_dir}; API key file: {cluster.data_dir / KEY_FILE}")
-        print("try: heartcluster submit generate --tags piano,happy --duration 10 --watch")
+        print(f"API docs: {cluster.url}/docs; metrics: {cluster.url}/metrics", end="")
+        for name, port in cluster.metrics_ports.items():
+            print(f", {name} :{port}/metrics", end="")
+        print(f"\ntry: {up_hint(args.data_dir)}")
         print("Ctrl-C stops it")
         print(f"API key (tenant local):\n{cluster.api_key}", flush=True)
         cluster.serve_forever()
@@ -83,7 +112,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from api.client.local_cluster import LocalCluster
 
     data_dir = Path(args.data_dir)
-    params = {"tags": args.tags, "lyrics": args.lyrics, "duration_s": args.duration, "seed": 7}
+    lyrics = read_text_or_file(args.lyrics)
+    params = {"tags": args.tags, "lyrics": lyrics, "duration_s": args.duration, "seed": 7}
     cluster = LocalCluster(data_dir, port=args.port or free_port())
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -106,17 +136,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # ----- client ---------------------------------------------------------------------------------
 
 
+def check_url(url: str) -> None:
+    try:
+        parsed = urlparse(url)
+        parsed.port  # noqa: B018 (raises for a port that is not a number)
+    except ValueError as error:
+        raise UsageError(f"bad gateway URL {url!r}: {error}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UsageError(f"bad gateway URL {url!r}: expected http(s)://HOST[:PORT]")
+
+
 def _client(args: argparse.Namespace):
+    """The gateway client of a command; resolves args.url (its messages name the URL)."""
     from api.client.client import Client
 
-    key = args.api_key or os.environ.get("HEARTCLUSTER_API_KEY")
-    key_file = Path(args.data_dir) / "api-key"
-    if not key and key_file.is_file():
-        key = key_file.read_text().strip()
+    data_dir = Path(args.data_dir)
+    args.url = gateway_url(args.url, data_dir)
+    check_url(args.url)
+    key = api_key(args.api_key, data_dir)
     if not key:
-        raise SystemExit(
-            "error: no API key: pass --api-key, set HEARTCLUSTER_API_KEY, or run "
-            f"`heartcluster up` (it saves one in {key_file})"
+        raise UsageError(
+            "no API key: pass --api-key, set HEARTCLUSTER_API_KEY, or run "
+            f"`heartcluster up` (it saves one in {data_dir / KEY_FILE})"
         )
     return Client(args.url, key)
 
@@ -155,7 +196,7 @@ def _download(client, job: dict[str, Any], name: str | None, out: Path) -> Path:
     if name is None:
         name = next((n for n in AUDIO_NAMES if n in job["artifacts"]), None)
         if name is None:
-            raise SystemExit(f"error: job {job['id']} has no audio; artifacts: {job['artifacts']}")
+            raise UsageError(f"job {job['id']} has no audio; artifacts: {job['artifacts']}")
     if out.is_dir() or not out.suffix:
         out.mkdir(parents=True, exist_ok=True)
         out = out / f"{job['id']}-{name}"
@@ -214,32 +255,24 @@ def _cmd_download(args: argparse.Namespace) -> int:
 # ----- parser ---------------------------------------------------------------------------------
 
 
-def _reporting_errors(handler: Callable[[argparse.Namespace], int]):
-    """Gateway errors and unreachable gateways as one clear line and exit status 1."""
-
-    def run(args: argparse.Namespace) -> int:
-        from api.client.client import ApiError
-
-        try:
-            return handler(args)
-        except ApiError as error:
-            print(f"error: {error}", file=sys.stderr)
-        except requests.ConnectionError:
-            print(
-                f"error: no gateway answers at {args.url} (is `heartcluster up` running?)",
-                file=sys.stderr,
-            )
-        return 1
-
-    return run
-
-
 def _client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--url", default=os.environ.get("HEARTCLUSTER_URL", DEFAULT_URL), help="gateway URL"
+        "--url",
+        help=f"gateway URL (default: $HEARTCLUSTER_URL, else the one `up` saved in "
+        f"DATA_DIR/url, else {DEFAULT_URL})",
     )
-    parser.add_argument("--api-key", help="default: $HEARTCLUSTER_API_KEY or DATA_DIR/api-key")
-    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="where `up` saved the key")
+    parser.add_argument(
+        "--api-key", help="default: $HEARTCLUSTER_API_KEY, else the one `up` saved in DATA_DIR"
+    )
+    _data_dir_option(parser, "where `up` saved the URL and key")
+
+
+def _data_dir_option(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument(
+        "--data-dir",
+        default=default_data_dir(),
+        help=f"{text} (default: $HEARTCLUSTER_DATA_DIR, else ./{DEFAULT_DATA_DIR})",
+    )
 
 
 def add_cluster_commands(commands: argparse._SubParsersAction) -> None:
@@ -251,22 +284,22 @@ def add_cluster_commands(commands: argparse._SubParsersAction) -> None:
         "--concurrency", type=int, help="task threads (default: gpu ENGINE_MAX_ROWS/2, else 1)"
     )
     worker.add_argument("--name", help="worker name (default: the kind); names its state file")
-    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--loglevel", default="INFO", help="Celery log level")
     worker.set_defaults(handler=_cmd_worker)
 
     up = commands.add_parser("up", help="gateway + GPU-queue worker + CPU worker on this machine")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
-    up.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
+    up.add_argument("--host", default="127.0.0.1", help="the gateway's address")
+    up.add_argument("--port", type=int, default=8000, help="the gateway's port")
+    _data_dir_option(up, "Redis data, artifacts, logs, the URL and API key")
     up.set_defaults(handler=_cmd_up)
 
     demo = commands.add_parser(
         "demo", help="start the local cluster, render one song through it, download it, stop"
     )
-    demo.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
+    _data_dir_option(demo, "Redis data, artifacts, logs and the song")
     demo.add_argument("--port", type=int, default=0, help="default: a free port")
-    demo.add_argument("--tags", default="piano,happy")
-    demo.add_argument("--lyrics", default="[verse] hello world")
+    demo.add_argument("--tags", default="piano,happy", help="comma-separated style tags")
+    demo.add_argument("--lyrics", default="[verse] hello world", help="lyrics text, or a file")
     demo.add_argument("--duration", type=float, default=10.0, help="seconds")
     demo.set_defaults(handler=_cmd_demo)
 
@@ -274,7 +307,7 @@ def add_cluster_commands(commands: argparse._SubParsersAction) -> None:
     kinds = submit.add_subparsers(dest="type", required=True)
 
     def common(parser: argparse.ArgumentParser) -> None:
-        parser.set_defaults(handler=_reporting_errors(_cmd_submit))
+        parser.set_defaults(handler=_cmd_submit)
         parser.add_argument("--idempotency-key", help="retrying with it never makes two jobs")
         parser.add_argument("--watch", action="store_true", help="show progress until done")
         _client_options(parser)
@@ -290,7 +323,7 @@ def add_cluster_commands(commands: argparse._SubParsersAction) -> None:
         parser = commands.add_parser(name, help=text)
         parser.add_argument("job_id")
         _client_options(parser)
-        parser.set_defaults(handler=_reporting_errors(handler))
+        parser.set_defaults(handler=handler)
         if name == "download":
             parser.add_argument("--name", help="artifact name (tokens.npy, metadata.json, ...)")
             parser.add_argument("--out", default=".", help="file or directory (default: .)")

@@ -76,6 +76,7 @@ def worker_env(kind: str, base: Mapping[str, str]) -> dict[str, str]:
     cold shutdown, which the thread pool cannot carry out."""
     env = child_env(base)
     env.pop("REMAP_SIGTERM", None)
+    env.pop(METRICS_DIR_ENV, None)  # one process: its own registry, on its own port
     if kind == "cpu":
         env["HEARTCLUSTER_DEVICE"] = "cpu"
     return env
@@ -86,9 +87,18 @@ def default_concurrency(kind: str, engine_max_rows: int) -> int:
     return max(1, engine_max_rows // 2) if kind == "gpu" else 1
 
 
+GATEWAY_CONFIG = "python:api.gateway.gunicorn_conf"
+GATEWAY_APP = "api.gateway:create_app()"
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # the gateway's multiprocess metrics files
+
+
 def gateway_command(host: str, port: int) -> list[str]:
-    """The gateway's threaded local server (`python -m api.gateway`); Docker runs gunicorn."""
-    return [sys.executable, "-m", "api.gateway", "--host", host, "--port", str(port)]
+    """The gateway under gunicorn with its production settings, as Docker and Kubernetes run
+    it (api/gateway/gunicorn_conf.py)."""
+    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return [sys.executable, "-m", "gunicorn", "--config", GATEWAY_CONFIG, "--bind", bind] + [
+        GATEWAY_APP
+    ]
 
 
 def redis_answers(url: str, timeout_s: float = 1.0) -> bool:

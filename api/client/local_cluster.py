@@ -22,9 +22,11 @@ import redis
 import requests
 
 from api.client.launcher import (
+    METRICS_DIR_ENV,
     LaunchError,
     child_env,
     default_concurrency,
+    free_port,
     gateway_command,
     port_free,
     private_redis,
@@ -35,12 +37,12 @@ from api.client.launcher import (
     worker_command,
     worker_env,
 )
+from api.client.local_config import KEY_FILE, forget_url, save_url
 from shared.core.config import PREFIX, Settings
 from shared.core.queueing import consumed_queues, make_celery
 from shared.core.tenants import TenantStore
 
 LOCAL_TENANT = "local"
-KEY_FILE = "api-key"
 QUEUES = ("gpu", "cpu")
 TINY_BANNER = (
     "\n"
@@ -70,6 +72,7 @@ class LocalCluster:
         self.api_key = ""
         self.settings: Settings | None = None  # as the children see them, once started
         self.processes: dict[str, subprocess.Popen[bytes]] = {}  # gateway and workers by name
+        self.metrics_ports: dict[str, int] = {}  # worker name → its /metrics port, when known
         self._redis: subprocess.Popen[bytes] | None = None
 
     @property
@@ -110,12 +113,27 @@ class LocalCluster:
             for kind in QUEUES:
                 concurrency = default_concurrency(kind, settings.engine_max_rows)
                 command = worker_command(kind, self.data_dir, concurrency)
-                self._spawn(f"{kind}-worker", command, worker_env(kind, env))
-            self._spawn("gateway", gateway_command(self.host, self.port), child_env(env))
+                self._spawn(f"{kind}-worker", command, self._worker_env(kind, env))
+            gateway_env = {
+                **child_env(env),
+                METRICS_DIR_ENV: str(self.data_dir / "gateway-metrics"),
+            }
+            self._spawn("gateway", gateway_command(self.host, self.port), gateway_env)
             self._wait_ready(settings, time.monotonic() + timeout_s)
+            save_url(self.data_dir, self.url)  # client commands find the cluster by it
         except BaseException:
             self.stop()
             raise
+
+    def _worker_env(self, kind: str, env: Mapping[str, str]) -> dict[str, str]:
+        """A free metrics port each, unless HEARTCLUSTER_METRICS_PORT says otherwise (then each
+        worker takes the first free port from it)."""
+        child = worker_env(kind, env)
+        if not self.env.get(f"{PREFIX}METRICS_PORT"):
+            port = free_port()
+            child[f"{PREFIX}METRICS_PORT"] = str(port)
+            self.metrics_ports[f"{kind}-worker"] = port
+        return child
 
     def _spawn(self, name: str, command: list[str], env: Mapping[str, str]) -> None:
         self.processes[name] = spawn(command, env, self.log_dir / f"{name}.log")
@@ -154,6 +172,7 @@ class LocalCluster:
     def stop(self) -> None:
         """Gateway first, then workers (warm shutdown: after HEARTCLUSTER_STOP_GRACE_S their
         running jobs go back to the queue), then our Redis."""
+        forget_url(self.data_dir, self.url)
         names = [n for n in ("gateway", "gpu-worker", "cpu-worker") if n in self.processes]
         stop_processes([self.processes.pop(n) for n in names])
         if self._redis is not None:

@@ -1,6 +1,7 @@
-"""`python -m api.gateway`: serve the gateway with Werkzeug's threaded server (local use).
+"""`python -m api.gateway`: Werkzeug's threaded development server (debugging only; `heartcluster
+up`, Docker and Kubernetes run gunicorn with api/gateway/gunicorn_conf.py).
 
-Settings come from HEARTCLUSTER_* variables. `heartcluster up` starts this as a subprocess.
+Settings come from HEARTCLUSTER_* variables.
 """
 
 from __future__ import annotations

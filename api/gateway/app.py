@@ -23,6 +23,9 @@ from shared.core.tenants import TenantStore
 
 # multipart framing around an upload of the maximum size
 UPLOAD_OVERHEAD_BYTES = 64 * 1024
+# Redis connections per gateway process: an open SSE stream holds one (its subscription) and its
+# thread may take another; redis-py's default of 100 refused the 101st stream.
+REDIS_CONNECTIONS = 1024
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,10 @@ def create_app(
 ) -> Flask:
     """The gateway. Anything not given is built from `settings` (default: the environment)."""
     from api.gateway.limits import limit_body
+    from api.gateway.metrics import register_metrics
     from api.gateway.openapi import bp as openapi_bp
     from api.gateway.routes.batches import bp as batches_bp
+    from api.gateway.routes.docs import bp as docs_bp
     from api.gateway.routes.health import bp as health_bp
     from api.gateway.routes.jobs import bp as jobs_bp
     from api.gateway.routes.uploads import bp as uploads_bp
@@ -68,6 +73,7 @@ def create_app(
         socket_connect_timeout=settings.redis_timeout_s,
         socket_timeout=settings.redis_timeout_s,  # no request hangs while Redis is away
         health_check_interval=30,
+        max_connections=REDIS_CONNECTIONS,
     )
     app = Flask("heartcluster")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + UPLOAD_OVERHEAD_BYTES
@@ -82,6 +88,7 @@ def create_app(
         celery=celery_app or make_celery(settings),
     )
     register_error_handlers(app)
+    register_metrics(app)
     app.before_request(limit_body)
     for blueprint in (
         health_bp,
@@ -91,6 +98,7 @@ def create_app(
         batches_bp,
         webhooks_bp,
         web_bp,
+        docs_bp,
     ):
         app.register_blueprint(blueprint)
     return app

@@ -73,6 +73,9 @@ class Settings:
     background_poll_s: float = 1.0  # workers look for finished jobs and due deliveries
     retention_days: float = 0.0  # finished jobs, uploads and batches older go; 0 keeps all
     retention_sweep_s: float = 3600.0
+    # A worker's Prometheus /metrics port; taken, the next free of METRICS_PORT_SPAN ports (a
+    # machine runs several workers); 0 turns worker metrics off.
+    metrics_port: int = 9464
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -119,6 +122,7 @@ class Settings:
             stop_grace_s=reader.get("STOP_GRACE_S", cls.stop_grace_s, _non_negative),
             redis_timeout_s=reader.get("REDIS_TIMEOUT_S", cls.redis_timeout_s, _positive(float)),
             redis_retry_s=reader.get("REDIS_RETRY_S", cls.redis_retry_s, _positive(float)),
+            metrics_port=reader.get("METRICS_PORT", cls.metrics_port, _port),
             data_dir=data_dir,
             max_batch_items=reader.get("MAX_BATCH_ITEMS", cls.max_batch_items, _positive(int)),
             max_batch_bytes=reader.get("MAX_BATCH_BYTES", cls.max_batch_bytes, _positive(int)),
@@ -209,6 +213,13 @@ def _non_negative(value: str) -> float:
     number = float(value)
     if not number >= 0:
         raise ValueError("expected a number >= 0")
+    return number
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError("expected a TCP port, 0-65535 (0: off)")
     return number
 
 

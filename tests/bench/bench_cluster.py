@@ -1,6 +1,7 @@
 """Cluster benchmark on loopback: gateway submit throughput, queue-to-start latency, cancel latency.
 
     .venv/bin/python tests/bench/bench_cluster.py [--submits 500] [--clients 8] [--latency-jobs 40]
+        [--sse-streams 200]
 
 Starts its own redis-server (free port), writes tiny models, runs one GPU-queue worker (on the
 CPU without a GPU) and the gateway as subprocesses with the same commands `heartcluster up`
@@ -19,6 +20,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 
 import redis
@@ -126,8 +128,36 @@ class Bench:
         stop_processes([self.redis_process])
 
 
-def bench_submit(bench: Bench, submits: int, clients: int) -> None:
-    """Submits with no worker consuming: the gateway's own cost (auth, validate, store, send)."""
+def open_streams(bench: Bench, count: int) -> None:
+    """Open `count` Server-Sent Events streams on queued jobs and keep them open: each holds a
+    gateway thread, as a watching client's does. They end when their jobs do (the flushdb after
+    the submits removes them; the gateway ends a stream whose job is gone)."""
+    opened = threading.Semaphore(0)
+
+    def hold(job_id: str) -> None:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {bench.key}"
+        url = f"{bench.url}/v1/jobs/{job_id}/events"
+        with session.get(url, stream=True, timeout=(30, None)) as reply:
+            reply.raise_for_status()
+            lines = reply.iter_lines()
+            next(lines)  # the first event: the stream is open and holds its gateway thread
+            opened.release()
+            with suppress(requests.RequestException):  # cut when the gateway stops
+                for _ in lines:
+                    pass
+
+    for _ in range(count):
+        job_id = bench.submit({"tags": "piano", "duration_s": 1.0})["id"]
+        threading.Thread(target=hold, args=(job_id,), daemon=True).start()
+    for done in range(count):
+        if not opened.acquire(timeout=60):
+            raise RuntimeError(f"{done} of {count} SSE streams open after 60 s")
+
+
+def bench_submit(bench: Bench, submits: int, clients: int, streams: int) -> None:
+    """Submits with no worker consuming: the gateway's own cost (auth, validate, store, send),
+    with `streams` SSE streams open all along."""
     params = {"tags": "piano", "duration_s": 1.0}
     local = threading.local()
 
@@ -145,13 +175,15 @@ def bench_submit(bench: Bench, submits: int, clients: int) -> None:
 
     for _ in range(20):  # warm-up
         one(0)
+    open_streams(bench, streams)
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         latencies = list(pool.map(one, range(submits)))
     elapsed = time.perf_counter() - start
     print(
         f"submit throughput: {submits / elapsed:.0f} req/s ({submits} submits, {clients} "
-        f"clients); request latency p50 {percentile(latencies, 50) * 1000:.1f} ms, "
+        f"clients, {streams} SSE streams open); request latency p50 "
+        f"{percentile(latencies, 50) * 1000:.1f} ms, "
         f"p99 {percentile(latencies, 99) * 1000:.1f} ms"
     )
 
@@ -203,13 +235,19 @@ def main() -> int:
     parser.add_argument("--latency-jobs", type=int, default=40)
     parser.add_argument("--cancel-runs", type=int, default=10)
     parser.add_argument("--engine-rows", type=int, default=4)
+    parser.add_argument("--sse-streams", type=int, default=200, help="held open during submits")
+    parser.add_argument(
+        "--only-submit", action="store_true", help="skip the worker benchmarks (no models)"
+    )
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="hc-bench-"))
     bench = Bench(root, args.engine_rows)
     try:
         bench.start_gateway()
-        bench_submit(bench, args.submits, args.clients)
+        bench_submit(bench, args.submits, args.clients, args.sse_streams)
+        if args.only_submit:
+            return 0
         bench.redis.flushdb()  # drop the queued submits (and their broker messages)
         bench.key = TenantStore(bench.redis).create_key("bench")
         bench.http.headers["Authorization"] = f"Bearer {bench.key}"

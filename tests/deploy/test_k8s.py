@@ -287,3 +287,13 @@ def test_redis_keeps_an_append_only_file_on_a_volume() -> None:
     service, namespace = host.split(".")[:2]
     assert service == redis_set["spec"]["serviceName"] in _of_kind("Service")
     assert namespace == redis_set["metadata"]["namespace"] in _of_kind("Namespace")
+
+
+@pytest.mark.parametrize("name", sorted(WORKERS))
+def test_workers_expose_the_metrics_port_they_serve(name: str) -> None:
+    deployment = WORKERS[name]
+    port = Settings.from_env(_settings_env()).metrics_port
+    (exposed,) = _container(deployment)["ports"]
+    assert exposed == {"name": "metrics", "containerPort": port}
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(port)

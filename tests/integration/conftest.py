@@ -42,6 +42,7 @@ class Cluster:
     keys: dict[str, str]
     gateway: subprocess.Popen[bytes]
     log_dir: Path
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # worker name → /metrics port
     sessions: dict[str, requests.Session] = field(default_factory=dict)
 
     def http(self, tenant: str) -> requests.Session:
@@ -114,6 +115,7 @@ def _start_cluster(env_overrides: dict[str, str], root: Path) -> Iterator[Cluste
             keys={tenant: tenants.create_key(tenant) for tenant in TENANTS},
             gateway=local.processes["gateway"],
             log_dir=local.log_dir,
+            metrics_ports=local.metrics_ports,
         )
     finally:
         local.stop()

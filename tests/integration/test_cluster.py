@@ -150,9 +150,22 @@ def test_gateway_process_never_imports_torch(cluster: Cluster) -> None:
     job = cluster.submit("alice", "generate", {**SHORT, "duration_s": 1.0})
     list(cluster.events("alice", job["id"]))
     assert cluster.artifact("alice", job["id"], "tokens.npy").status_code == 200
-    maps = Path(f"/proc/{cluster.gateway.pid}/maps").read_text()
-    assert "python" in maps  # the right process
-    assert "libtorch" not in maps and "/torch/" not in maps
+    processes = _process_tree(cluster.gateway.pid)
+    assert len(processes) > 1  # gunicorn's master and its worker processes, which run the app
+    for pid in processes:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "python" in maps  # the right process
+        assert "libtorch" not in maps and "/torch/" not in maps
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants."""
+    children = [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+    return [pid] + [p for child in children for p in _process_tree(child)]
 
 
 def _tokens(cluster: Cluster, tenant: str, job_id: str) -> np.ndarray:
