@@ -254,7 +254,7 @@ def test_short_jobs_from_two_tenants_drain_while_a_worker_restarts(cluster: Faul
         for i in range(DRAIN_JOBS)
         for tenant in [("alice", "bob")[i % 2]]
     ]
-    cluster.wait_until(ids[: DRAIN_JOBS // 4], lambda job: job.terminal, 30 + DRAIN_JOBS)
+    cluster.wait_until(ids[: DRAIN_JOBS // 4], lambda job: job.terminal, 60 + 2 * DRAIN_JOBS)
     restarted = time.monotonic()
     cluster.stop_worker("gpu-a")
     cluster.start_worker("gpu-a")
