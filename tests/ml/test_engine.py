@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -269,12 +269,13 @@ def test_a_guided_request_uses_free_rows_wherever_they_are(tiny_model_dir: Path)
 def test_a_failing_prefill_fails_only_its_own_request(
     engine: GenerationEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Both are admitted at once: their batched prefill fails, then each is tried alone."""
     prefill = engine.runner.prefill
 
-    def failing(work: Prefill) -> None:
-        if work.draw.seed == 666:
+    def failing(works: Sequence[Prefill]) -> None:
+        if any(work.draw.seed == 666 for work in works):
             raise torch.OutOfMemoryError("no room for this one")
-        prefill(work)
+        prefill(works)
 
     monkeypatch.setattr(engine.runner, "prefill", failing)
     doomed, fine = engine.submit(replace(BASE, seed=666)), engine.submit(replace(BASE, seed=12))

@@ -58,12 +58,14 @@ class RowSampling:
     """Sampling state of the rows that draw tokens this frame (one per request), on device.
 
     `cond` and `uncond` index the logits rows of each request (equal when it has no guidance);
-    `owner` maps every batch row to the request row whose token it receives.
+    `owner` maps every batch row to the request row whose token it receives. The model runner
+    keeps one sampling row per batch row instead (both rows of a guided request hold the same
+    draw, so they draw the same token) and leaves `owner` None: no gather, static shapes.
     """
 
     cond: torch.Tensor  # [p] int64
     uncond: torch.Tensor  # [p] int64
-    owner: torch.Tensor  # [n] int64
+    owner: torch.Tensor | None  # [n] int64; None: sampling row i is batch row i
     cfg_scale: torch.Tensor  # [p] float32
     temperature: torch.Tensor  # [p] float32
     top_k: torch.Tensor  # [p] int64
@@ -127,4 +129,5 @@ class TokenSampler:
         key = self.row_keys(rows, codebook).unsqueeze(1)
         u = uniform_from_hash(hash32(key ^ self.token_hash[ids]))
         choice = (values - torch.log(-torch.log(u))).argmax(dim=-1, keepdim=True)
-        return ids.gather(1, choice).squeeze(1)[rows.owner]
+        tokens = ids.gather(1, choice).squeeze(1)
+        return tokens if rows.owner is None else tokens[rows.owner]
