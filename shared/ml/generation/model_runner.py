@@ -160,6 +160,8 @@ class ModelRunner:
         for t in (self.state.active, self.state.fed):
             t[index] = False
         self.state.position[index] = 0
+        for t in (self.state.cond, self.state.uncond):
+            t[index] = index  # an idle row draws from itself: always inside any bucket
         for r in rows:
             self._active[r] = False
 
@@ -294,8 +296,9 @@ class ModelRunner:
         hidden = torch.where(fed.unsqueeze(1), out[:, -1], s.hidden[:n])
         s.hidden[:n] = hidden
         rows = s.sampling(shape)
+        keys = self.sampler.frame_keys(rows, s.codes.shape[1])  # [n, 8]
         codes = self.model.sample_frame(
-            hidden, lambda logits, k: self.sampler.pick(logits, k, rows)
+            hidden, lambda logits, k: self.sampler.pick(logits, k, rows, keys[:, k])
         )
         s.codes[:n] = codes
         s.position[:n] += fed.long()
