@@ -82,7 +82,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="audio per song")
     parser.add_argument("--cfg-scale", type=float, default=1.5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: no OpenMP spinning)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     n = args.requests
     rows = 2 * n if args.cfg_scale != 1.0 else n
@@ -103,7 +107,7 @@ def main() -> None:
     print(
         f"model: {'3B sizes' if args.real_sizes else 'tiny'} on {engine.model.device} "
         f"({engine.model.dtype}); {frames} frames per song; cfg {args.cfg_scale}; "
-        f"medians of {args.repeats} interleaved runs"
+        f"medians of {args.repeats} interleaved runs; {torch.get_num_threads()} CPU thread(s)"
     )
 
     one, reference = interleaved(

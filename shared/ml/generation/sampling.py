@@ -138,12 +138,14 @@ class TokenSampler:
         """Float logits [n, vocab] for all batch rows → token ids [n] (int64).
 
         `key`: this codebook's noise keys [p] when already computed (see `frame_keys`)."""
-        cond, uncond = logits[rows.cond], logits[rows.uncond]
-        guided = uncond + (cond - uncond) * rows.cfg_scale.unsqueeze(1)
-        guided = (guided + self.invalid) / rows.temperature.unsqueeze(1)
+        uncond = logits[rows.uncond]
+        guided = logits[rows.cond] - uncond  # in place from here: fewer vocabulary-wide buffers
+        guided = guided.mul_(rows.cfg_scale.unsqueeze(1)).add_(uncond).add_(self.invalid)
         guided[:, self.eos_id].masked_fill_(~rows.eos_allowed, float("-inf"))
         k = min(rows.max_top_k, self.vocab_size)
         values, ids = guided.topk(k, dim=-1)
+        # Temperature after the cut: dividing by T > 0 keeps the order, and only k values pay.
+        values = values / rows.temperature.unsqueeze(1)
         rank = torch.arange(k, device=logits.device)
         values = values.masked_fill(rank >= rows.top_k.unsqueeze(1), float("-inf"))
         if key is None:
