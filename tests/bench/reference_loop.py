@@ -2,8 +2,10 @@
 
 One song, no engine: guidance as a batch of two rows, one `sample_frame` call per frame with a
 reference-style top-k sampler (temperature, top-k cut, softmax, multinomial), the new frame
-checked for EOS and kept on the host every frame, then embedded and fed back. Same model, same
-math; what differs from the engine is the per-frame overhead it pays.
+checked for EOS and kept on the host every frame, then embedded and fed back. Like heartlib
+(torchtune caches), each backbone step attends over the whole cache with a causal mask unless
+`exact_keys` asks for only the positions written so far (leaner than the reference). Same
+model, same math; what differs from the engine is the per-frame overhead it pays.
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ def reference_pick(request: GenerationRequest, generator: torch.Generator) -> To
 
 @torch.inference_mode()
 def reference_generate(
-    model: HeartMuLa, prompts: PromptBuilder, request: GenerationRequest, eos_id: int
+    model: HeartMuLa,
+    prompts: PromptBuilder,
+    request: GenerationRequest,
+    eos_id: int,
+    exact_keys: bool = False,
 ) -> np.ndarray:
     """Codes [8, T] of one song; the model's caches must hold at least two rows."""
     device = model.device
@@ -59,5 +65,6 @@ def reference_generate(
         frames.append(frame[0].cpu().numpy())
         position = torch.full((rows, 1), length + t, device=device)
         x = model.embed_frames(frame.unsqueeze(1))
-        hidden = model.backbone(x, position, slice(0, rows), length + t + 1)[:, -1]
+        keys = length + t + 1 if exact_keys else model.backbone.cache_len
+        hidden = model.backbone(x, position, slice(0, rows), keys)[:, -1]
     return np.stack(frames, axis=1) if frames else np.zeros((8, 0), np.int64)
