@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--cfg-scale", type=float, default=1.5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the engine's step (minutes)"
+    )
+    parser.add_argument(
         "--lean-baseline",
         action="store_true",
         help="also against a baseline that attends only to the positions written so far",
@@ -97,7 +100,7 @@ def main() -> None:
 
     n = args.requests
     rows = 2 * n if args.cfg_scale != 1.0 else n
-    engine = build_engine(args.real_sizes, args.device, args.dtype, rows)
+    engine = build_engine(args.real_sizes, args.device, args.dtype, rows, compile=args.compile)
     eos_id = engine.prompts.gen_config.audio_eos_id
     base = GenerationRequest(
         "piano,happy",
