@@ -357,3 +357,32 @@ def test_compiled_engine_makes_the_same_tokens(
     expected = [r.tokens for r in engine.generate(MIXED)]
     got = [r.tokens for r in compiled.generate(MIXED)]
     assert all(np.array_equal(a, b) for a, b in zip(expected, got, strict=True))
+
+
+def test_a_step_run_then_undone_repeats_exactly(tiny_model_dir: Path) -> None:
+    """What a CUDA graph capture relies on (run on CPU): the warm-up step's effects on the row
+    state can be put back, and the recorded step then makes the same frame and the same song."""
+    small = GenerationEngine.from_model_dir(tiny_model_dir, "tiny", device="cpu", max_rows=2)
+    expected = _alone(small, BASE)
+    handle = small.submit(BASE)
+    for _ in range(3):
+        small.step()
+    runner, length = small.runner, small.prompts.build(BASE.tags, BASE.lyrics).length
+    shape = runner.shape(length + 4)
+    saved = runner.state.snapshot()
+    with torch.inference_mode():
+        warm_up = runner.frame_step(shape).clone()
+    runner.state.restore(saved)
+    original_step, first = runner.run_step, []
+
+    def recorded(step_shape: StepShape) -> torch.Tensor:
+        codes = original_step(step_shape)
+        if not first:
+            first.append(codes.clone())
+        return codes
+
+    runner.run_step = recorded  # type: ignore[method-assign]
+    while not handle.done():
+        small.step()
+    assert torch.equal(first[0], warm_up)
+    assert np.array_equal(handle.result().tokens, expected)
