@@ -1,8 +1,9 @@
 """The models of one worker process, loaded once and shared by all its task threads.
 
 A GPU-queue worker holds one GenerationEngine (its frame loop in a background thread, so
-concurrent generate jobs batch together) and one codec decoder; a CPU-queue worker holds the
-codec encoder. Each is loaded on first use, or up front by `preload` at worker start.
+concurrent generate jobs batch together) and one codec decoder, with a CodecBatcher over it
+(its own loop thread, so concurrent decodes share estimator batches); a CPU-queue worker holds
+the codec encoder. Each is loaded on first use, or up front by `preload` at worker start.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import threading
 from pathlib import Path
 
 from shared.core.config import Settings
+from shared.ml.codec.batching import CodecBatcher
 from shared.ml.codec.decoder import HeartCodecDecoder, load_codec
 from shared.ml.codec.encoder import EncoderNotFoundError, HeartCodecEncoder, load_encoder
 from shared.ml.generation.engine import GenerationEngine
@@ -26,6 +28,7 @@ from shared.ml.transcribe import Transcriber, load_transcriber
 log = logging.getLogger(__name__)
 
 TINY_MODELS_DIR = "tiny-models"
+CODEC_MAX_BATCH = 8  # songs whose windows share one estimator batch
 _COMPLETE = ".complete"
 
 
@@ -68,6 +71,7 @@ class WorkerModels:
         self._load_lock = threading.Lock()
         self._engine: GenerationEngine | None = None
         self._codec: HeartCodecDecoder | None = None
+        self._batcher: CodecBatcher | None = None
         self._encoder: HeartCodecEncoder | None = None
         self._transcriber: Transcriber | None = None
 
@@ -89,6 +93,16 @@ class WorkerModels:
                 log.info("loading the HeartCodec decoder from %s", self.model_dir)
                 self._codec = load_codec(self.model_dir, self.settings.device)
             return self._codec
+
+    def codec_batcher(self) -> CodecBatcher:
+        """The codec behind a batching loop: decodes of concurrent jobs share windows' batches
+        (no codec_lock needed: the loop is the only user of the codec through it)."""
+        codec = self.codec()
+        with self._load_lock:
+            if self._batcher is None:
+                self._batcher = CodecBatcher(codec, CODEC_MAX_BATCH)
+                self._batcher.start()
+            return self._batcher
 
     def encoder(self) -> HeartCodecEncoder:
         with self._load_lock:
@@ -127,3 +141,5 @@ class WorkerModels:
     def close(self) -> None:
         if self._engine is not None:
             self._engine.stop()
+        if self._batcher is not None:
+            self._batcher.stop()

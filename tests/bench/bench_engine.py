@@ -1,16 +1,22 @@
-"""Engine throughput: N requests batched vs the same N run one after another.
+"""Engine speed: one song against a plain reference-style loop, N songs batched against in a row.
 
-    python tests/bench/bench_engine.py                      # tiny model, CPU
-    python tests/bench/bench_engine.py --real-sizes --device cuda --requests 8 16
+    python tests/bench/bench_engine.py                      # tiny model, CPU (~1-2 minutes)
+    python tests/bench/bench_engine.py --real-sizes --device cuda --requests 8
 
-Random weights (tiny, or the real 3B sizes built in memory): the numbers measure speed only.
+The baseline (tests/bench/reference_loop.py) does per frame what heartlib's loop does,
+full-cache attention included; `--lean-baseline` adds one that attends only to the positions
+written so far. Both sides of each ratio run interleaved, `--repeats` times, and the medians
+are compared, so that a machine shared with other work slows both alike. Random weights
+(tiny, or the real 3B sizes built in memory): the numbers measure speed only.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,34 +27,52 @@ from shared.ml.models.checkpoint import resolve_device, resolve_dtype
 from shared.ml.models.heartmula import HeartMuLaConfig
 from shared.ml.models.prompt import GenConfig, PromptBuilder
 from shared.ml.models.tiny import BOS_TOKEN, EOS_TOKEN, build_tiny_tokenizer, random_heartmula
+from tests.bench.reference_loop import reference_generate
 
 REAL_3B = {"backbone_flavor": "llama-3B", "decoder_flavor": "llama-300M"}
 
 
 def build_engine(
-    real_sizes: bool, device: str | None, dtype: str | None, rows: int
+    real_sizes: bool,
+    device: str | None,
+    dtype: str | None,
+    rows: int,
+    compile: bool = False,
+    cuda_graphs: bool = False,
 ) -> GenerationEngine:
     dev = resolve_device(device)
+    options = {"max_rows": rows, "compile": compile, "cuda_graphs": cuda_graphs}
     if not real_sizes:
         from shared.ml.models.tiny import write_tiny_models
 
         model_dir = Path(tempfile.mkdtemp())
         write_tiny_models(model_dir)
-        return GenerationEngine.from_model_dir(model_dir, "tiny", str(dev), dtype, max_rows=rows)
+        return GenerationEngine.from_model_dir(model_dir, "tiny", str(dev), dtype, **options)
     tokenizer = build_tiny_tokenizer()
     gen = GenConfig(tokenizer.token_to_id(BOS_TOKEN), tokenizer.token_to_id(EOS_TOKEN))
     model = random_heartmula(HeartMuLaConfig.from_dict(REAL_3B), 0, resolve_dtype(dtype, dev), dev)
-    return GenerationEngine(model, PromptBuilder(tokenizer, gen), max_rows=rows)
+    return GenerationEngine(model, PromptBuilder(tokenizer, gen), **options)
 
 
-def timed(engine: GenerationEngine, requests: list[GenerationRequest]) -> float:
+def timed(engine: GenerationEngine, run: Callable[[], object]) -> float:
     if engine.model.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    engine.generate(requests)
+    run()
     if engine.model.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def interleaved(
+    engine: GenerationEngine, a: Callable[[], object], b: Callable[[], object], repeats: int
+) -> tuple[float, float]:
+    """Median seconds of a and of b, run alternately."""
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        times_a.append(timed(engine, a))
+        times_b.append(timed(engine, b))
+    return statistics.median(times_a), statistics.median(times_b)
 
 
 def main() -> None:
@@ -56,33 +80,74 @@ def main() -> None:
     parser.add_argument("--real-sizes", action="store_true", help="3B sizes, random weights")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
-    parser.add_argument("--requests", type=int, nargs="+", default=[8])
-    parser.add_argument("--seconds", type=float, default=4.0, help="audio per request")
+    parser.add_argument("--requests", type=int, default=8, help="songs batched")
+    parser.add_argument("--seconds", type=float, default=8.0, help="audio per song")
     parser.add_argument("--cfg-scale", type=float, default=1.5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the engine's step (minutes)"
+    )
+    parser.add_argument(
+        "--lean-baseline",
+        action="store_true",
+        help="also against a baseline that attends only to the positions written so far",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: no OpenMP spinning)"
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
-    rows = 2 * max(args.requests) if args.cfg_scale != 1.0 else max(args.requests)
-    engine = build_engine(args.real_sizes, args.device, args.dtype, rows)
+    n = args.requests
+    rows = 2 * n if args.cfg_scale != 1.0 else n
+    engine = build_engine(args.real_sizes, args.device, args.dtype, rows, compile=args.compile)
+    eos_id = engine.prompts.gen_config.audio_eos_id
     base = GenerationRequest(
-        "piano,happy", "[verse] la la la", duration_s=args.seconds, cfg_scale=args.cfg_scale
+        "piano,happy",
+        "[verse] la la la",
+        duration_s=args.seconds,
+        cfg_scale=args.cfg_scale,
+        stop_at_eos=False,
     )
     frames = base.frames
-    timed(engine, [replace(base, duration_s=0.8)])  # warm-up
+    songs = [replace(base, seed=s) for s in range(n)]
+    warm = replace(base, duration_s=0.8)
+    engine.generate([warm] * n)  # warm-up: every batch shape once
+    reference_generate(engine.model, engine.prompts, warm, eos_id)
     print(
         f"model: {'3B sizes' if args.real_sizes else 'tiny'} on {engine.model.device} "
-        f"({engine.model.dtype}); {frames} frames per request; cfg {args.cfg_scale}"
+        f"({engine.model.dtype}); {frames} frames per song; cfg {args.cfg_scale}; "
+        f"medians of {args.repeats} interleaved runs; {torch.get_num_threads()} CPU thread(s)"
     )
-    ratio = 0.0
-    for n in args.requests:
-        requests = [replace(base, seed=s) for s in range(n)]
-        sequential = sum(timed(engine, [r]) for r in requests)
-        batched = timed(engine, requests)
-        ratio = sequential / batched
-        print(
-            f"N={n}: sequential {n * frames / sequential:8.1f} frames/s, "
-            f"batched {n * frames / batched:8.1f} frames/s"
+
+    one, reference = interleaved(
+        engine,
+        lambda: engine.generate([base]),
+        lambda: reference_generate(engine.model, engine.prompts, base, eos_id),
+        args.repeats,
+    )
+    print(f"one song: engine {frames / one:8.1f} frames/s, baseline {frames / reference:8.1f}")
+    print(f"one song engine/baseline ratio: {reference / one:.2f}")
+    if args.lean_baseline:
+        one, lean = interleaved(
+            engine,
+            lambda: engine.generate([base]),
+            lambda: reference_generate(engine.model, engine.prompts, base, eos_id, True),
+            args.repeats,
         )
-    print(f"batched/sequential ratio: {ratio:.2f}")
+        print(f"one song engine/lean-baseline ratio (exact keys): {lean / one:.2f}")
+
+    batched, sequential = interleaved(
+        engine,
+        lambda: engine.generate(songs),
+        lambda: [engine.generate([song]) for song in songs],
+        args.repeats,
+    )
+    print(
+        f"N={n}: batched {n * frames / batched:8.1f} frames/s, "
+        f"sequential {n * frames / sequential:8.1f} frames/s"
+    )
+    print(f"batched/sequential ratio: {sequential / batched:.2f}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from shared.ml.generation.engine import (
     GenerationRequest,
     RequestError,
 )
+from shared.ml.generation.model_runner import KV_BLOCK, StepShape
 from shared.ml.generation.plan import Prefill
 
 BASE = GenerationRequest(tags="piano,happy", lyrics="la la la", duration_s=1.2, seed=11)
@@ -269,12 +271,13 @@ def test_a_guided_request_uses_free_rows_wherever_they_are(tiny_model_dir: Path)
 def test_a_failing_prefill_fails_only_its_own_request(
     engine: GenerationEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Both are admitted at once: their batched prefill fails, then each is tried alone."""
     prefill = engine.runner.prefill
 
-    def failing(work: Prefill) -> None:
-        if work.draw.seed == 666:
+    def failing(works: Sequence[Prefill]) -> None:
+        if any(work.draw.seed == 666 for work in works):
             raise torch.OutOfMemoryError("no room for this one")
-        prefill(work)
+        prefill(works)
 
     monkeypatch.setattr(engine.runner, "prefill", failing)
     doomed, fine = engine.submit(replace(BASE, seed=666)), engine.submit(replace(BASE, seed=12))
@@ -305,3 +308,81 @@ def test_an_audio_eos_id_inside_the_codec_range_is_refused(tiny_model_dir: Path)
     )
     with pytest.raises(ValueError, match="audio_eos_id 100"):
         GenerationEngine(model, builder, max_rows=2)
+
+
+def test_requests_admitted_together_prefill_in_one_call(
+    engine: GenerationEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompts of different lengths share one padded prefill and still match their runs alone."""
+    alone = [_alone(engine, r) for r in MIXED]
+    prefill, calls = engine.runner.prefill, []
+
+    def counted(works: Sequence[Prefill]) -> None:
+        calls.append(sorted(w.draw.seed for w in works))
+        prefill(works)
+
+    monkeypatch.setattr(engine.runner, "prefill", counted)
+    together = engine.generate(MIXED)
+    assert calls == [[11, 12, 13, 14]]
+    assert len({engine.prompts.build(r.tags, r.lyrics).length for r in MIXED}) > 1
+    assert all(np.array_equal(a, t.tokens) for a, t in zip(alone, together, strict=True))
+
+
+def test_step_shapes_are_powers_of_two_of_rows_keys_and_top_k(engine: GenerationEngine) -> None:
+    """Three running rows run as four; attention reads 256 keys; top-k 50 samples from 64."""
+    handles = [engine.submit(replace(BASE, cfg_scale=1.0, seed=s)) for s in range(3)]
+    engine.step()
+    assert engine.runner.shape(engine.prompts.build(BASE.tags, BASE.lyrics).length + 1) == (
+        StepShape(rows=4, kv_len=KV_BLOCK, top_k=64)
+    )
+    while not all(h.done() for h in handles):
+        engine.step()
+
+
+def test_cuda_graphs_need_a_cuda_device(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="cuda_graphs: needs a CUDA device"):
+        GenerationEngine.from_model_dir(tiny_model_dir, "tiny", "cpu", max_rows=2, cuda_graphs=True)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("HEARTCLUSTER_TEST_COMPILE"),
+    reason="torch.compile on CPU takes minutes per step shape; set HEARTCLUSTER_TEST_COMPILE=1",
+)
+def test_compiled_engine_makes_the_same_tokens(
+    engine: GenerationEngine, tiny_model_dir: Path
+) -> None:
+    compiled = GenerationEngine.from_model_dir(
+        tiny_model_dir, "tiny", device="cpu", max_rows=8, compile=True
+    )
+    expected = [r.tokens for r in engine.generate(MIXED)]
+    got = [r.tokens for r in compiled.generate(MIXED)]
+    assert all(np.array_equal(a, b) for a, b in zip(expected, got, strict=True))
+
+
+def test_a_step_run_then_undone_repeats_exactly(tiny_model_dir: Path) -> None:
+    """What a CUDA graph capture relies on (run on CPU): the warm-up step's effects on the row
+    state can be put back, and the recorded step then makes the same frame and the same song."""
+    small = GenerationEngine.from_model_dir(tiny_model_dir, "tiny", device="cpu", max_rows=2)
+    expected = _alone(small, BASE)
+    handle = small.submit(BASE)
+    for _ in range(3):
+        small.step()
+    runner, length = small.runner, small.prompts.build(BASE.tags, BASE.lyrics).length
+    shape = runner.shape(length + 4)
+    saved = runner.state.snapshot()
+    with torch.inference_mode():
+        warm_up = runner.frame_step(shape).clone()
+    runner.state.restore(saved)
+    original_step, first = runner.run_step, []
+
+    def recorded(step_shape: StepShape) -> torch.Tensor:
+        codes = original_step(step_shape)
+        if not first:
+            first.append(codes.clone())
+        return codes
+
+    runner.run_step = recorded  # type: ignore[method-assign]
+    while not handle.done():
+        small.step()
+    assert torch.equal(first[0], warm_up)
+    assert np.array_equal(handle.result().tokens, expected)

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from shared.ml.generation.sampling import RowSampling, SamplingParams, TokenSampler
+from shared.ml.generation.sampling import RowSampling, SamplingParams, TokenSampler, hash32
 
 VOCAB = 16
 EOS = 14
@@ -195,3 +195,29 @@ def test_each_token_gets_its_own_noise(sampler: TokenSampler) -> None:
     expected = torch.zeros(VOCAB)
     expected[: EOS + 1] = 1 / (EOS + 1)  # ids 0..14 (EOS allowed); 15 is invalid
     torch.testing.assert_close(got, expected, atol=0.02, rtol=0.0)
+
+
+def _python_hash32(x: int) -> int:
+    """hash32 in Python integers: the arithmetic the tensor version must reproduce."""
+    m = 0xFFFFFFFF
+    x &= m
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m
+    return x ^ (x >> 16)
+
+
+def test_hash32_matches_exact_integer_arithmetic() -> None:
+    """Products past 2**63 wrap in int64; the hash must still be the exact 32-bit one."""
+    values = [0, 1, 2**16 - 1, 2**31, 2**32 - 1, *torch.randint(0, 2**32, (200,)).tolist()]
+    got = hash32(torch.tensor(values, dtype=torch.int64)).tolist()
+    assert got == [_python_hash32(v) for v in values]
+
+
+def test_frame_keys_are_the_row_keys_of_every_codebook(sampler: TokenSampler) -> None:
+    draws = [replace(DRAW, seed=2**40 + 3, frame=17), replace(DRAW, seed=5, frame=0)]
+    rows = RowSampling.batch(draws, 2, CPU)
+    keys = sampler.frame_keys(rows, 8)
+    for codebook in range(8):
+        assert torch.equal(keys[:, codebook], sampler.row_keys(rows, codebook))

@@ -74,6 +74,52 @@ def plan_windows(num_codes: int, loop_padding: bool = True) -> list[Window]:
     return windows
 
 
+class Cursor:
+    """Where one song's decode stands: its next window, its noise, its in-context prefix.
+
+    Windows of several songs can be solved in one estimator batch (`solve_windows`); each
+    song keeps its own noise generator, so its latents do not depend on its batch mates.
+    """
+
+    def __init__(
+        self, decoder: HeartCodecDecoder, codes: torch.Tensor, seed: int, loop_padding: bool
+    ) -> None:
+        self.decoder = decoder
+        self.num_codes = codes.shape[1]
+        self.windows = plan_windows(self.num_codes, loop_padding)
+        looped = torch.arange(self.windows[-1].stop) % self.num_codes
+        self.codes = codes[:, looped].to(decoder.device)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.prefix: torch.Tensor | None = None  # [1, 104, latent] once a window is done
+        self.index = 0
+
+    @property
+    def done(self) -> bool:
+        return self.index == len(self.windows)
+
+    @property
+    def window(self) -> Window:
+        return self.windows[self.index]
+
+    @property
+    def batch_key(self) -> tuple[int, bool]:
+        """Next windows with equal keys solve together: same length, all or none a prefix."""
+        return self.window.codes, self.prefix is not None
+
+    def next_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Condition [1, F, dim] and noise [1, F, latent] (CPU) of the next window."""
+        flow = self.decoder.model.flow_matching
+        window = self.window
+        cond = flow.condition(self.codes[None, :, window.start : window.stop])
+        noise = torch.randn(cond.shape[:2] + (flow.latent_dim,), generator=self.generator)
+        return cond, noise
+
+    def advance(self, latents: torch.Tensor) -> None:
+        """Record the solved window's latents [F, latent]: its tail is the next prefix."""
+        self.prefix = latents[None, -PREFIX_LATENT_FRAMES:]
+        self.index += 1
+
+
 class HeartCodec(nn.Module):
     """The checkpoint's module tree: `flow_matching.*` and `scalar_model.*`."""
 
@@ -123,6 +169,41 @@ class HeartCodecDecoder:
             )
         return codes.long()
 
+    def cursor(self, codes: np.ndarray | torch.Tensor, seed: int, loop_padding: bool) -> Cursor:
+        """One song's decode, window by window (see `Cursor`)."""
+        return Cursor(self, self._check_codes(codes), seed, loop_padding)
+
+    @torch.inference_mode()
+    def solve_windows(
+        self,
+        cursors: list[Cursor],
+        *,
+        steps: int = 10,
+        guidance: float = 1.25,
+        on_step: Callable[[int], None] | None = None,
+    ) -> list[torch.Tensor]:
+        """The next window of every cursor in one estimator batch; each cursor advances.
+
+        The cursors' next windows must have the same length and all or none a prefix (their
+        `batch_key`). Returns each window's latents [2·codes, out_channels].
+        """
+        keys = {c.batch_key for c in cursors}
+        if len(keys) != 1:
+            raise ValueError(f"windows of one batch must share length and prefix, got {keys}")
+        inputs = [c.next_inputs() for c in cursors]
+        prefixes = [c.prefix for c in cursors]
+        latents = self.model.flow_matching.solve(
+            torch.cat([cond for cond, _ in inputs]),
+            torch.cat([noise for _, noise in inputs]).to(self.device, self.dtype),
+            None if prefixes[0] is None else torch.cat(prefixes),
+            steps=steps,
+            guidance=guidance,
+            on_step=on_step,
+        )
+        for cursor, window_latents in zip(cursors, latents, strict=True):
+            cursor.advance(window_latents)
+        return list(latents)
+
     @torch.inference_mode()
     def latent_windows(
         self,
@@ -140,26 +221,13 @@ class HeartCodecDecoder:
         Noise comes from a private generator seeded with `seed` (on CPU, so a seed gives
         the same noise on every device).
         """
-        codes = self._check_codes(codes)
-        total = codes.shape[1]
-        windows = plan_windows(total, loop_padding)
-        looped = codes[:, torch.arange(windows[-1].stop) % total].to(self.device)
-        generator = torch.Generator().manual_seed(seed)
-        flow = self.model.flow_matching
-        prefix: torch.Tensor | None = None
-        for window in windows:
-            cond = flow.condition(looped[None, :, window.start : window.stop])
-            noise = torch.randn(cond.shape[:2] + (flow.latent_dim,), generator=generator)
-            latents = flow.solve(
-                cond,
-                noise.to(self.device, self.dtype),
-                prefix,
-                steps=steps,
-                guidance=guidance,
-                on_step=on_step,
+        cursor = self.cursor(codes, seed, loop_padding)
+        while not cursor.done:
+            window = cursor.window
+            (latents,) = self.solve_windows(
+                [cursor], steps=steps, guidance=guidance, on_step=on_step
             )
-            prefix = latents[:, -PREFIX_LATENT_FRAMES:]
-            yield window, latents[0]
+            yield window, latents
 
     def render(self, latents: torch.Tensor) -> np.ndarray:
         """Latents [F, 2·latent_hidden_dim] → float32 audio [2, F · hop] (first half: left)."""
@@ -212,8 +280,12 @@ class HeartCodecDecoder:
             ):
                 segments.append(self.render(latents))
                 advance()
+        return self.join(segments, codes.shape[1])
+
+    def join(self, segments: list[np.ndarray], num_codes: int) -> torch.Tensor:
+        """Rendered windows → one song's audio [2, num_codes · 3840] (crossfaded, cut)."""
         audio = overlap_add(segments, OVERLAP_CODES * self.frame_samples)
-        return torch.from_numpy(audio[:, : codes.shape[1] * self.frame_samples].copy())
+        return torch.from_numpy(audio[:, : num_codes * self.frame_samples].copy())
 
 
 def load_codec(

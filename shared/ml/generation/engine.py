@@ -47,12 +47,18 @@ class GenerationEngine:
         prompts: PromptBuilder,
         max_rows: int = 16,
         max_seq_len: int | None = None,
+        compile: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
+        """`compile`: torch.compile the frame step (one variant per step shape; slow to
+        compile on CPU). `cuda_graphs`: replay one CUDA graph per step shape (CUDA only)."""
         eos_id = prompts.gen_config.audio_eos_id  # gen_config.json, 8193 when official
         self.model = model
         self.prompts = prompts
         self.max_rows = max_rows
-        self.runner = ModelRunner(model, prompts, eos_id, max_rows, max_seq_len)
+        self.runner = ModelRunner(
+            model, prompts, eos_id, max_rows, max_seq_len, compile=compile, cuda_graphs=cuda_graphs
+        )
         self.scheduler = Scheduler(
             max_rows, self.runner.context, eos_id, model.config.audio_num_codebooks
         )
@@ -67,11 +73,19 @@ class GenerationEngine:
         device: str | None = None,
         dtype: str | None = None,
         max_rows: int = 16,
+        compile: bool = False,
+        cuda_graphs: bool = False,
     ) -> GenerationEngine:
         """Load tokenizer, gen_config and HeartMuLa-oss-{version} from a model directory."""
         dev = resolve_device(device)
         model = load_heartmula(heartmula_folder(model_dir, version), dev, resolve_dtype(dtype, dev))
-        return cls(model, PromptBuilder.from_model_dir(model_dir), max_rows=max_rows)
+        return cls(
+            model,
+            PromptBuilder.from_model_dir(model_dir),
+            max_rows=max_rows,
+            compile=compile,
+            cuda_graphs=cuda_graphs,
+        )
 
     @property
     def active_requests(self) -> int:

@@ -1,27 +1,101 @@
-"""The math of one engine step, no policy: feed, prefill, sample.
+"""The math of one engine step, no policy: prefill the newcomers, then one frame for all rows.
 
-The runner owns the model's static KV caches (`max_rows` rows), the last backbone hidden state
-of every row and the token sampler. Given a StepPlan it runs one backbone step for every fed
-row at once (each row at its own position), prefills each admitted request, then samples one
-frame (codebook 0 + the local decoder's steps) for all rows together. Speed work (batched
-prefill, torch.compile, CUDA graphs) belongs here; who runs where is the scheduler's business.
+The runner owns the model's static KV caches (`max_rows` rows) and, on the device, everything a
+frame step reads: each row's last hidden state, last sampled codes, next position and sampling
+settings. Those change only when requests join (a prefill) or leave (rows released), so a frame
+step uploads nothing and copies one thing back: the sampled codes [rows, 8].
+
+All requests admitted at one frame boundary prefill in one padded backbone call. The frame step
+itself (backbone step for every fed row, then codebook 0 and the local decoder's 7 steps with
+sampling) runs on the lowest `bucket` rows, a power of two, with the attention length rounded
+up to a power of two and top-k to a power of two: static shapes per (rows, keys, k), which is
+what `torch.compile` and CUDA graphs (one graph per shape, CUDA only) need. Who runs where is the
+scheduler's business.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from shared.core.constants import CODEC_CODES
-from shared.ml.generation.plan import Feed, Prefill, StepOutput, StepPlan
-from shared.ml.generation.sampling import RowSampling, SamplingParams, TokenSampler
+from shared.ml.generation.plan import Prefill, StepOutput, StepPlan
+from shared.ml.generation.sampling import RowSampling, TokenSampler
 from shared.ml.models.heartmula import HeartMuLa
 from shared.ml.models.prompt import PromptBuilder
 
-# Decode attention reads the cache in blocks of this many positions, so shapes repeat.
+# Decode attention reads at least this many cache positions, then powers of two, so that a
+# 3-minute song meets a handful of shapes.
 KV_BLOCK = 256
+
+
+def power_of_two_at_least(n: int, floor: int = 1) -> int:
+    size = floor
+    while size < n:
+        size *= 2
+    return size
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The static shape of one frame step: what a compiled step or a CUDA graph is keyed on."""
+
+    rows: int  # batch rows 0..rows-1 run (a power of two, at most max_rows)
+    kv_len: int  # cache positions attended
+    top_k: int  # top-k width of the sampler
+
+
+class RowState:
+    """Per-row device tensors the frame step reads and advances (one entry per batch row)."""
+
+    def __init__(self, rows: int, books: int, dim: int, model: HeartMuLa) -> None:
+        device = model.device
+
+        def zeros(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.hidden = zeros(rows, dim, dtype=model.dtype)  # last backbone output
+        self.codes = zeros(rows, books)  # last sampled frame: fed at the next step
+        self.position = zeros(rows)  # where that frame enters the backbone
+        self.active = zeros(rows, dtype=torch.bool)  # held by a running request
+        self.fed = zeros(rows, dtype=torch.bool)  # has sampled a frame that the next step feeds
+        self.frame = zeros(rows)  # frames sampled so far (the noise counter)
+        index = torch.arange(rows, device=device)
+        self.cond, self.uncond = index.clone(), index.clone()  # logits rows of the row's draw
+        self.cfg_scale = zeros(rows, dtype=torch.float32) + 1
+        self.temperature = zeros(rows, dtype=torch.float32) + 1
+        self.top_k = zeros(rows) + 1
+        self.seed = zeros(rows)
+        self.eos_allowed = zeros(rows, dtype=torch.bool)
+
+    def sampling(self, shape: StepShape) -> RowSampling:
+        n = shape.rows
+        return RowSampling(
+            cond=self.cond[:n],
+            uncond=self.uncond[:n],
+            owner=None,
+            cfg_scale=self.cfg_scale[:n],
+            temperature=self.temperature[:n],
+            top_k=self.top_k[:n],
+            seed=self.seed[:n],
+            frame=self.frame[:n],
+            eos_allowed=self.eos_allowed[:n],
+            max_top_k=shape.top_k,
+        )
+
+    @property
+    def stepped(self) -> tuple[torch.Tensor, ...]:
+        """What a frame step changes besides the caches."""
+        return (self.hidden, self.codes, self.position, self.frame, self.fed)
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [t.clone() for t in self.stepped]
+
+    def restore(self, saved: list[torch.Tensor]) -> None:
+        for t, s in zip(self.stepped, saved, strict=True):
+            t.copy_(s)
 
 
 class ModelRunner:
@@ -32,6 +106,8 @@ class ModelRunner:
         eos_id: int,
         max_rows: int,
         max_seq_len: int | None = None,
+        compile: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         config = model.config
         if not CODEC_CODES < eos_id < config.audio_vocab_size:
@@ -39,71 +115,210 @@ class ModelRunner:
                 f"gen_config.json: audio_eos_id {eos_id} must lie between the codec codes "
                 f"(< {CODEC_CODES}) and the audio vocabulary size {config.audio_vocab_size}"
             )
+        if cuda_graphs and model.device.type != "cuda":
+            raise ValueError(f"cuda_graphs: needs a CUDA device, the model is on {model.device}")
         self.model = model
         self.prompts = prompts
+        self.max_rows = max_rows
         model.setup_caches(max_rows, max_seq_len)
         self.context = model.backbone.cache_len
         invalid = [CODEC_CODES, *range(eos_id + 1, config.audio_vocab_size)]
         self.sampler = TokenSampler(config.audio_vocab_size, invalid, eos_id, model.device)
-        self.hidden = torch.zeros(
-            max_rows, config.backbone.embed_dim, dtype=model.dtype, device=model.device
+        self.state = RowState(
+            max_rows, config.audio_num_codebooks, config.backbone.embed_dim, model
         )
+        # Host mirrors (set at join and release only): which rows run, and their top-k.
+        self._active = [False] * max_rows
+        self._top_k = [0] * max_rows
+        self._step: Callable[[StepShape], torch.Tensor] = self.frame_step
+        if compile:
+            # One compiled variant per StepShape; allow as many as the shapes we may meet.
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            self._step = torch.compile(self.frame_step, dynamic=False)
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[StepShape, torch.cuda.CUDAGraph] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepOutput:
-        """Feed, prefill, then sample one frame for every request that has its hidden state."""
-        if plan.feeds:
-            self.feed(plan.feeds)
-        failed: dict[int, Exception] = {}
-        for prefill in plan.prefills:
-            try:
-                self.prefill(prefill)
-            except Exception as error:  # noqa: BLE001 (e.g. out of memory: this request only)
-                failed[prefill.request_id] = error
-        draws = [f.draw for f in plan.feeds]
-        draws += [p.draw for p in plan.prefills if p.request_id not in failed]
-        return StepOutput(self.sample(draws) if draws else None, failed)
+        """Release rows, prefill newcomers, then sample one frame for every running row."""
+        if plan.released:
+            self.release(plan.released)
+        failed = self.admit(plan.prefills)
+        if not any(self._active):
+            return StepOutput(None, failed)
+        positions = [f.position for f in plan.feeds]
+        positions += [p.prompt.length + _history_len(p) for p in plan.prefills]
+        codes = self.run_step(self.shape(max(positions) + 1))
+        return StepOutput(codes.to("cpu", torch.int32).numpy(), failed)
 
-    def feed(self, feeds: Sequence[Feed]) -> None:
-        """One backbone step for all fed rows, each at its own position."""
-        n = max(max(f.rows) for f in feeds) + 1
-        frames = np.zeros((n, 1, self.model.config.audio_num_codebooks), dtype=np.int64)
-        positions = np.zeros((n, 1), dtype=np.int64)
-        for f in feeds:
-            frames[f.rows, 0] = f.frame
-            positions[f.rows, 0] = f.position
-        kv_len = min(self.context, -(-(int(positions.max()) + 1) // KV_BLOCK) * KV_BLOCK)
+    # ----- joins and leaves -------------------------------------------------------------------
+
+    def release(self, rows: list[int]) -> None:
+        """Rows whose request ended: idle until a newcomer takes them."""
+        index = torch.tensor(rows, device=self.model.device)
+        for t in (self.state.active, self.state.fed):
+            t[index] = False
+        self.state.position[index] = 0
+        for t in (self.state.cond, self.state.uncond):
+            t[index] = index  # an idle row draws from itself: always inside any bucket
+        for r in rows:
+            self._active[r] = False
+
+    def admit(self, prefills: Sequence[Prefill]) -> dict[int, Exception]:
+        """Prefill all newcomers in one call; if that fails, one by one to find who fails."""
+        if not prefills:
+            return {}
+        try:
+            self.prefill(prefills)
+            done, failed = list(prefills), {}
+        except Exception as error:  # noqa: BLE001 (e.g. out of memory: isolate the culprit)
+            if len(prefills) == 1:
+                return {prefills[0].request_id: error}
+            done, failed = [], {}
+            for p in prefills:
+                try:
+                    self.prefill([p])
+                    done.append(p)
+                except Exception as single:  # noqa: BLE001 (this request only)
+                    failed[p.request_id] = single
+        self.join(done)
+        return failed
+
+    def prefill(self, prefills: Sequence[Prefill]) -> None:
+        """Prompts (+ history) of several requests through the backbone in one padded call.
+
+        Each request's rows see its own prompt; the unconditional row of a guided request sees
+        it without conditioning. Shorter prompts are padded at the end: the padding writes
+        cache positions that the row's first frames overwrite before anyone attends to them.
+        """
         device = self.model.device
-        x = self.model.embed_frames(torch.from_numpy(frames).to(device))  # [n, 1, D]
-        out = self.model.backbone(x, torch.from_numpy(positions).to(device), slice(0, n), kv_len)
-        self.hidden[:n] = out[:, -1]
-
-    def prefill(self, prefill: Prefill) -> None:
-        """Prompt (+ history) of one request through the backbone in one call; the
-        unconditional row of a guided request sees the prompt without its conditioning."""
-        device, prompt = self.model.device, prefill.prompt
-        tokens, mask = prompt.tokens, prompt.mask  # [L, 9]
-        if prefill.history is not None:
-            h_tokens, h_mask = self.prompts.history_rows(torch.from_numpy(prefill.history))
-            tokens, mask = torch.cat([tokens, h_tokens]), torch.cat([mask, h_mask])
-        length, b = tokens.shape[0], len(prefill.rows)
-        unconditional = torch.tensor([False, True][:b], device=device)
-        x = self.model.embed_sequence(
-            tokens.to(device).expand(b, -1, -1),
-            mask.to(device).expand(b, -1, -1),
-            prompt.muq_index,
-            unconditional,
-        )  # [b, L, D]
-        positions = torch.arange(length, device=device).expand(b, -1)
-        rows = torch.tensor(prefill.rows, device=device)
-        out = self.model.backbone(x, positions, rows, kv_len=length)
-        self.hidden[prefill.rows] = out[:, -1]
-
-    def sample(self, draws: Sequence[SamplingParams]) -> np.ndarray:
-        """One frame of codes [n, 8] int32 for batch rows 0..n-1 (n: past the highest row)."""
-        n = max(max(d.cond_row, d.uncond_row) for d in draws) + 1
-        rows = RowSampling.batch(draws, n, self.model.device)
-        codes = self.model.sample_frame(
-            self.hidden[:n], lambda logits, k: self.sampler.pick(logits, k, rows)
+        embedded, rows, last = [], [], []
+        for p in prefills:
+            tokens, mask = p.prompt.tokens, p.prompt.mask  # [L, 9]
+            if p.history is not None:
+                h_tokens, h_mask = self.prompts.history_rows(torch.from_numpy(p.history))
+                tokens, mask = torch.cat([tokens, h_tokens]), torch.cat([mask, h_mask])
+            b = len(p.rows)
+            unconditional = torch.tensor([False, True][:b], device=device)
+            x = self.model.embed_sequence(
+                tokens.to(device).expand(b, -1, -1),
+                mask.to(device).expand(b, -1, -1),
+                p.prompt.muq_index,
+                unconditional,
+            )  # [b, L, D]
+            embedded.append(x)
+            rows += p.rows
+            last += [tokens.shape[0] - 1] * b
+        length = max(x.shape[1] for x in embedded)
+        x = torch.cat(
+            [torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[1])) for x in embedded]
         )
-        return codes.to("cpu", torch.int32).numpy()
+        positions = torch.arange(length, device=device).expand(len(rows), -1)
+        index = torch.tensor(rows, device=device)
+        out = self.model.backbone(x, positions, index, kv_len=length)  # [B, length, D]
+        self.state.hidden[index] = out[torch.arange(len(rows), device=device), last]
+
+    def join(self, prefills: Sequence[Prefill]) -> None:
+        """Write the newcomers' sampling settings and positions into the row state."""
+        if not prefills:
+            return
+        rows, values = [], {name: [] for name in _DRAW_FIELDS}
+        for p in prefills:
+            d = p.draw
+            for r in p.rows:
+                rows.append(r)
+                self._active[r] = True
+                self._top_k[r] = d.top_k
+                values["cond"].append(d.cond_row)
+                values["uncond"].append(d.uncond_row)
+                values["cfg_scale"].append(d.cfg_scale)
+                values["temperature"].append(d.temperature)
+                values["top_k"].append(d.top_k)
+                values["seed"].append(d.seed)
+                values["frame"].append(d.frame)
+                values["eos_allowed"].append(d.eos_allowed)
+                values["position"].append(p.prompt.length + _history_len(p))
+        index = torch.tensor(rows, device=self.model.device)
+        for name, column in values.items():
+            target = getattr(self.state, name)
+            target[index] = torch.tensor(column, dtype=target.dtype).to(target.device)
+        self.state.active[index] = True
+        self.state.fed[index] = False
+
+    # ----- the frame step ---------------------------------------------------------------------
+
+    def shape(self, positions_needed: int) -> StepShape:
+        highest = max(r for r, a in enumerate(self._active) if a)
+        top_k = max(k for k, a in zip(self._top_k, self._active, strict=True) if a)
+        return StepShape(
+            rows=min(power_of_two_at_least(highest + 1), self.max_rows),
+            kv_len=min(power_of_two_at_least(positions_needed, KV_BLOCK), self.context),
+            top_k=min(power_of_two_at_least(top_k), self.sampler.vocab_size),
+        )
+
+    def run_step(self, shape: StepShape) -> torch.Tensor:
+        """One frame step: eager, compiled, or the replay of this shape's CUDA graph."""
+        if not self.cuda_graphs:
+            return self._step(shape)
+        graph = self._graphs.get(shape)
+        if graph is None:
+            graph = self._graphs[shape] = self._capture(shape)
+        graph.replay()
+        return self.state.codes[: shape.rows]
+
+    def _capture(self, shape: StepShape) -> torch.cuda.CUDAGraph:
+        """Record the step for this shape. The warm-up runs it for real on a side stream, so
+        the state it advances is put back (its cache writes are the ones the replay repeats)."""
+        saved = self.state.snapshot()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._step(shape)
+        torch.cuda.current_stream().wait_stream(side)
+        self.state.restore(saved)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            self._step(shape)
+        return graph
+
+    def frame_step(self, shape: StepShape) -> torch.Tensor:
+        """Feed every fed row's last frame, then sample one frame for rows 0..rows-1.
+
+        Static shapes, no host reads: rows joined this step (not fed) keep their prefill hidden
+        state, and their throwaway backbone write at their next position is overwritten when
+        their first frame is fed there. Returns the new codes [rows, 8] (a view of the state).
+        """
+        s, n = self.state, shape.rows
+        fed = s.fed[:n]
+        x = self.model.embed_frames(s.codes[:n].unsqueeze(1))  # [n, 1, D]
+        out = self.model.backbone(x, s.position[:n].unsqueeze(1), slice(0, n), shape.kv_len)
+        hidden = torch.where(fed.unsqueeze(1), out[:, -1], s.hidden[:n])
+        s.hidden[:n] = hidden
+        rows = s.sampling(shape)
+        keys = self.sampler.frame_keys(rows, s.codes.shape[1])  # [n, 8]
+        codes = self.model.sample_frame(
+            hidden, lambda logits, k: self.sampler.pick(logits, k, rows, keys[:, k])
+        )
+        s.codes[:n] = codes
+        s.position[:n] += fed.long()
+        s.frame[:n] += s.active[:n].long()
+        s.fed[:n] = s.active[:n]
+        return s.codes[:n]
+
+
+_DRAW_FIELDS = (
+    "cond",
+    "uncond",
+    "cfg_scale",
+    "temperature",
+    "top_k",
+    "seed",
+    "frame",
+    "eos_allowed",
+    "position",
+)
+
+
+def _history_len(prefill: Prefill) -> int:
+    return 0 if prefill.history is None else prefill.history.shape[1]

@@ -6,7 +6,7 @@ reaches into the other's state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -40,6 +40,7 @@ class Prefill:
 class StepPlan:
     feeds: list[Feed]
     prefills: list[Prefill]
+    released: list[int] = field(default_factory=list)  # rows freed since the last plan
 
     @property
     def empty(self) -> bool:

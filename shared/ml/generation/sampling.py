@@ -19,9 +19,9 @@ _MASK32 = 0xFFFFFFFF
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for int64 x in [0, 2**32), without int64 overflow."""
-    high = ((x >> 16) * c) & 0xFFFF
-    return ((high << 16) + (x & 0xFFFF) * c) & _MASK32
+    """(x * c) mod 2**32 for int64 x in [0, 2**32): int64 products wrap modulo 2**64 on every
+    backend, and the low 32 bits of the wrapped product are those of the true one."""
+    return (x * c) & _MASK32
 
 
 def hash32(x: torch.Tensor) -> torch.Tensor:
@@ -37,6 +37,12 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
 def uniform_from_hash(h: torch.Tensor) -> torch.Tensor:
     """32-bit hashes → float32 uniforms strictly inside (0, 1)."""
     return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def _noise_key(seed: torch.Tensor, frame: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """hash(seed, hash(frame, codebook)): the key every token's noise of one draw hangs on."""
+    counter = hash32(frame * 16 + codebook.to(frame.device))
+    return hash32((seed & _MASK32) ^ hash32((seed >> 32) ^ counter))
 
 
 @dataclass(frozen=True)
@@ -58,12 +64,14 @@ class RowSampling:
     """Sampling state of the rows that draw tokens this frame (one per request), on device.
 
     `cond` and `uncond` index the logits rows of each request (equal when it has no guidance);
-    `owner` maps every batch row to the request row whose token it receives.
+    `owner` maps every batch row to the request row whose token it receives. The model runner
+    keeps one sampling row per batch row instead (both rows of a guided request hold the same
+    draw, so they draw the same token) and leaves `owner` None: no gather, static shapes.
     """
 
     cond: torch.Tensor  # [p] int64
     uncond: torch.Tensor  # [p] int64
-    owner: torch.Tensor  # [n] int64
+    owner: torch.Tensor | None  # [n] int64; None: sampling row i is batch row i
     cfg_scale: torch.Tensor  # [p] float32
     temperature: torch.Tensor  # [p] float32
     top_k: torch.Tensor  # [p] int64
@@ -111,20 +119,38 @@ class TokenSampler:
         self.token_hash = hash32(torch.arange(vocab_size, device=device, dtype=torch.int64))
 
     def row_keys(self, rows: RowSampling, codebook: int) -> torch.Tensor:
-        counter = hash32(rows.frame * 16 + codebook)
-        return hash32((rows.seed & _MASK32) ^ hash32((rows.seed >> 32) ^ counter))
+        """The noise key [p] of each row's draw for one codebook."""
+        return _noise_key(rows.seed, rows.frame, torch.tensor(codebook))
 
-    def pick(self, logits: torch.Tensor, codebook: int, rows: RowSampling) -> torch.Tensor:
-        """Float logits [n, vocab] for all batch rows → token ids [n] (int64)."""
-        cond, uncond = logits[rows.cond], logits[rows.uncond]
-        guided = uncond + (cond - uncond) * rows.cfg_scale.unsqueeze(1)
-        guided = (guided + self.invalid) / rows.temperature.unsqueeze(1)
+    def frame_keys(self, rows: RowSampling, books: int) -> torch.Tensor:
+        """The keys [p, books] of every codebook of this frame at once (one hash per frame
+        instead of one per codebook); column k equals `row_keys(rows, k)`."""
+        codebooks = torch.arange(books, device=rows.seed.device)
+        return _noise_key(rows.seed.unsqueeze(1), rows.frame.unsqueeze(1), codebooks)
+
+    def pick(
+        self,
+        logits: torch.Tensor,
+        codebook: int,
+        rows: RowSampling,
+        key: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Float logits [n, vocab] for all batch rows → token ids [n] (int64).
+
+        `key`: this codebook's noise keys [p] when already computed (see `frame_keys`)."""
+        uncond = logits[rows.uncond]
+        guided = logits[rows.cond] - uncond  # in place from here: fewer vocabulary-wide buffers
+        guided = guided.mul_(rows.cfg_scale.unsqueeze(1)).add_(uncond).add_(self.invalid)
         guided[:, self.eos_id].masked_fill_(~rows.eos_allowed, float("-inf"))
         k = min(rows.max_top_k, self.vocab_size)
         values, ids = guided.topk(k, dim=-1)
+        # Temperature after the cut: dividing by T > 0 keeps the order, and only k values pay.
+        values = values / rows.temperature.unsqueeze(1)
         rank = torch.arange(k, device=logits.device)
         values = values.masked_fill(rank >= rows.top_k.unsqueeze(1), float("-inf"))
-        key = self.row_keys(rows, codebook).unsqueeze(1)
-        u = uniform_from_hash(hash32(key ^ self.token_hash[ids]))
+        if key is None:
+            key = self.row_keys(rows, codebook)
+        u = uniform_from_hash(hash32(key.unsqueeze(1) ^ self.token_hash[ids]))
         choice = (values - torch.log(-torch.log(u))).argmax(dim=-1, keepdim=True)
-        return ids.gather(1, choice).squeeze(1)[rows.owner]
+        tokens = ids.gather(1, choice).squeeze(1)
+        return tokens if rows.owner is None else tokens[rows.owner]

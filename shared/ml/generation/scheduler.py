@@ -75,6 +75,7 @@ class Scheduler:
         self.eos_id = eos_id  # a sampled code at or above it ends the song
         self.num_codebooks = num_codebooks
         self._rows: list[int | None] = [None] * max_rows  # the request id holding each row
+        self._released: list[int] = []  # rows freed since the last plan (the runner resets them)
         self._running: dict[int, RequestState] = {}  # by id, in admission order
         self._pending: deque[RequestState] = deque()
         self._ids = itertools.count()
@@ -142,7 +143,9 @@ class Scheduler:
             self._finish(state, "aborted")
         self._drop_aborted_pending()
         feeds = [self._feed(state) for state in self._running.values()]
-        return StepPlan(feeds, self._admit())
+        prefills = self._admit()
+        released, self._released = self._released, []
+        return StepPlan(feeds, prefills, released)
 
     def update_from_output(self, plan: StepPlan, output: StepOutput) -> None:
         """Record each request's new frame; end those that sampled EOS or are long enough."""
@@ -228,6 +231,7 @@ class Scheduler:
     def _release(self, state: RequestState) -> None:
         for r in state.rows:
             self._rows[r] = None
+        self._released.extend(state.rows)
         del self._running[state.id]
 
     def _finish(self, state: RequestState, reason: FinishReason) -> None:
