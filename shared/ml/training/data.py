@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shared.ml.training.objective import Example
 from shared.ml.models.prompt import PromptBuilder
+from shared.ml.training.objective import Example
 
 
 @dataclass(frozen=True)

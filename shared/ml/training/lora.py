@@ -14,18 +14,15 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from shared.core.schemas import LORA_PROJECTIONS
 from shared.ml.models.heartmula import HeartMuLa
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# The projections LoRA may target: attention and SwiGLU MLP of both transformers.
-PROJECTIONS = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "output_proj": "attn"} | {
-    "w1": "mlp",
-    "w2": "mlp",
-    "w3": "mlp",
-}
+# Where each projection LoRA may target lives in a layer: SwiGLU w1/w2/w3 in `mlp`, the rest
+# in `attn`.
+BLOCK = {name: "mlp" if name.startswith("w") else "attn" for name in LORA_PROJECTIONS}
 PARTS = ("backbone", "decoder")
-DEFAULT_TARGETS = tuple(PROJECTIONS)
 
 
 def target_pattern(targets: Sequence[str]) -> str:
@@ -34,10 +31,10 @@ def target_pattern(targets: Sequence[str]) -> str:
     for target in targets:
         part, _, name = target.rpartition(".")
         parts = [part] if part else list(PARTS)
-        if name not in PROJECTIONS or not set(parts) <= set(PARTS):
+        if name not in BLOCK or not set(parts) <= set(PARTS):
             raise ValueError(f"unknown LoRA target {target!r}")
         for p in parts:
-            alternatives.append(rf"{p}\.layers\.\d+\.{PROJECTIONS[name]}\.{re.escape(name)}")
+            alternatives.append(rf"{p}\.layers\.\d+\.{BLOCK[name]}\.{re.escape(name)}")
     return rf"^(?:{'|'.join(alternatives)})$"
 
 

@@ -98,7 +98,9 @@ class Trainer:
         self.checkpoints = checkpoints
         self.cuda = model.device.type == "cuda"
         self.peft: PeftModel = add_lora(
-            model, lora_config(config.rank, config.alpha, config.dropout, config.targets), config.seed
+            model,
+            lora_config(config.rank, config.alpha, config.dropout, config.targets),
+            config.seed,
         )
         trainable = [p for p in self.peft.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0)
