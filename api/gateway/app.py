@@ -56,6 +56,7 @@ def create_app(
     from api.gateway.limits import limit_body
     from api.gateway.openapi import bp as openapi_bp
     from api.gateway.routes.batches import bp as batches_bp
+    from api.gateway.routes.datasets import bp as datasets_bp
     from api.gateway.routes.health import bp as health_bp
     from api.gateway.routes.jobs import bp as jobs_bp
     from api.gateway.routes.uploads import bp as uploads_bp
@@ -89,6 +90,7 @@ def create_app(
         jobs_bp,
         uploads_bp,
         batches_bp,
+        datasets_bp,
         webhooks_bp,
         web_bp,
     ):
