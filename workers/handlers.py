@@ -333,7 +333,7 @@ def transcribe(ctx: JobContext) -> Output:
 
 # ----- fine-tuning --------------------------------------------------------------------------
 
-CHECKPOINT = "checkpoint/state.pt"  # under the job's keys: deleted with them on cancel/failure
+CHECKPOINT = "checkpoint.pt"  # under the job's keys: deleted with them on cancel/failure
 
 
 @dataclass
