@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from api.client.batch_cli import add_batch_commands
 from api.client.cluster_cli import add_cluster_commands, read_text_or_file
+from api.client.datasets_cli import add_dataset_commands
 from api.client.operator_cli import add_operator_commands
 from shared.core.constants import FRAMES_PER_SECOND
 
@@ -324,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_cluster_commands(commands)
     add_batch_commands(commands)
+    add_dataset_commands(commands)
     add_operator_commands(commands)
     return parser
 

@@ -61,7 +61,9 @@ def _stop_undisturbed(cluster) -> None:
 def _cmd_up(args: argparse.Namespace) -> int:
     from api.client.local_cluster import KEY_FILE, LocalCluster
 
-    cluster = LocalCluster(Path(args.data_dir), args.host, args.port)
+    cluster = LocalCluster(
+        Path(args.data_dir), args.host, args.port, train_worker=not args.no_train_worker
+    )
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         cluster.start()
@@ -84,7 +86,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     data_dir = Path(args.data_dir)
     params = {"tags": args.tags, "lyrics": args.lyrics, "duration_s": args.duration, "seed": 7}
-    cluster = LocalCluster(data_dir, port=args.port or free_port())
+    cluster = LocalCluster(data_dir, port=args.port or free_port(), train_worker=False)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         cluster.start()
@@ -254,7 +256,10 @@ def add_cluster_commands(commands: argparse._SubParsersAction) -> None:
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(handler=_cmd_worker)
 
-    up = commands.add_parser("up", help="gateway + GPU-queue worker + CPU worker on this machine")
+    up = commands.add_parser(
+        "up", help="gateway + GPU-queue, CPU and train (fine-tune) workers on this machine"
+    )
+    up.add_argument("--no-train-worker", action="store_true", help="no fine-tunes here")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
