@@ -206,3 +206,69 @@ def test_long_songs_are_cut_into_pieces_that_fit_the_context(prompts: PromptBuil
     assert sum(ex.frames.shape[0] for ex in examples) == 100
     assert examples[0].frames.shape[0] == 50 - rows + 1
     assert torch.equal(torch.cat([ex.frames for ex in examples]).T, torch.from_numpy(tokens).long())
+
+
+def test_gradient_checkpointing_changes_memory_not_the_math(
+    base: HeartMuLa, prompts: PromptBuilder
+) -> None:
+    """The CUDA path recomputes layer activations in the backward pass; same loss and grads."""
+    from shared.ml.training.lora import add_lora, lora_config, remove_lora
+    from shared.ml.training.objective import compute_losses
+
+    examples = cut_examples(pattern_dataset(songs=2, frames=12), prompts, context=8192)
+    peft_model = add_lora(base, lora_config(4, 8, 0.0, ALL), seed=0)
+    with torch.no_grad():  # B starts at zero: give the adapter something to differentiate
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.01)
+    results = []
+    for checkpointing in (False, True):
+        peft_model.zero_grad()
+        losses = compute_losses(
+            base, prompts, examples, torch.tensor([False, True]), checkpointing=checkpointing
+        )
+        losses.total.backward()
+        grads = [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]
+        results.append((losses.total.detach(), grads))
+    remove_lora(peft_model)
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for plain, recomputed in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(plain, recomputed)
+    assert any(g.abs().sum() > 0 for g in results[0][1])
+
+
+def test_the_objective_is_the_generation_path_teacher_forced(
+    base: HeartMuLa, prompts: PromptBuilder
+) -> None:
+    """The training forward (no cache) equals the generation path (KV cache) fed the true
+    frames: codebook 0 from the backbone state before each frame, codebooks 1-7 from the local
+    decoder over [that state, emb(c0..c6)]; the loss averages over frames only, never over the
+    prompt's rows; text dropout swaps in the unconditional embedding as guidance does."""
+    import torch.nn.functional as F
+
+    from shared.ml.training.objective import Example, compute_losses
+
+    frames = torch.from_numpy(pattern_dataset(songs=1, frames=10)[0].tokens.T.copy()).long()
+    prompt = prompts.build(TAG, "la la la")
+    for unconditional in (False, True):
+        flag = torch.tensor([unconditional])
+        with torch.no_grad():
+            got = compute_losses(base, prompts, [Example(prompt, frames)], flag)
+            history, history_mask = prompts.history_rows(frames[:-1].T)
+            tokens = torch.cat([prompt.tokens, history])[None]
+            mask = torch.cat([prompt.mask, history_mask])[None]
+            seq = tokens.shape[1]
+            base.setup_caches(1, seq)
+            x = base.embed_sequence(tokens, mask, prompt.muq_index, flag)
+            hidden = base.backbone(x, torch.arange(seq)[None], slice(0, 1), kv_len=seq)[0]
+            before = hidden[prompt.length - 1 :]  # [T, D]: the state before each frame
+            loss0 = F.cross_entropy(base.codebook0_head(before), frames[:, 0])
+            rest = []
+            for t in range(frames.shape[0]):
+                codes = [base.embed_audio(k, frames[t, k : k + 1]) for k in range(7)]
+                local = base.projection(torch.cat([before[t : t + 1], *codes])[None])
+                out = base.decoder(local, torch.arange(8)[None], slice(0, 1), kv_len=8)[0]
+                logits = torch.stack([out[k] @ base.audio_head[k - 1] for k in range(1, 8)])
+                rest.append(F.cross_entropy(logits, frames[t, 1:], reduction="none"))
+        torch.testing.assert_close(got.codebook0, loss0, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got.codebooks_rest, torch.cat(rest).mean(), rtol=1e-4, atol=1e-4)
