@@ -324,7 +324,7 @@ class FinetuneParams(Params):
         max_length=len(LORA_TARGETS),
         description="Projections to adapt: q_proj, k_proj, v_proj, output_proj, w1, w2, w3 "
         "(both transformers) or backbone.NAME / decoder.NAME (one).",
-        json_schema_extra={"items": {"enum": list(LORA_TARGETS)}},
+        json_schema_extra={"items": {"enum": list(LORA_TARGETS)}, "uniqueItems": True},
     )
     learning_rate: float = Field(1e-4, gt=0, le=1.0)
     steps: int = Field(1000, ge=1, le=1_000_000, description="Optimizer steps.")

@@ -80,6 +80,7 @@ def dataset_out(dataset: Dataset, resolver: InputResolver) -> dict[str, Any]:
         201: Reply(
             "Created; audio uploads start encoding (their items show `encoding`)", DatasetOut
         ),
+        400: "The body is not JSON, nests too deep, or is not a JSON object",
         404: "An item names another tenant's (or no) upload or job; `field` is items[i].FIELD",
         413: "The body is over HEARTCLUSTER_MAX_JSON_BYTES",
         422: "A bad item (`field` is items[i].FIELD): not exactly one of upload_id and "
