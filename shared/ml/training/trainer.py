@@ -131,11 +131,12 @@ class Trainer:
             )
 
     @torch.no_grad()
-    def evaluate(self, examples: list[Example]) -> Losses:
+    def evaluate(self, examples: list[Example], should_abort: AbortCheck | None = None) -> Losses:
         """Mean conditional loss over `examples` (dropout off), weighted by frames."""
         self.peft.eval()
         total0 = total_rest = frames = 0.0
         for start in range(0, len(examples), EVAL_BATCH):
+            check_abort(should_abort, f"fine-tune stopped evaluating at step {self.step}")
             batch = examples[start : start + EVAL_BATCH]
             n = sum(ex.frames.shape[0] for ex in batch)
             losses = self.losses(batch, torch.zeros(len(batch), dtype=torch.bool))
@@ -176,7 +177,8 @@ class Trainer:
         resumed_from = self._restore()
         self.peft.train()
         if resumed_from == 0 and self.validation:
-            self.metrics.append({"step": 0, **_eval_line(self.evaluate(self.validation))})
+            losses = self.evaluate(self.validation, should_abort)
+            self.metrics.append({"step": 0, **_eval_line(losses)})
         started, steps_here = clock(), 0
         while self.step < c.steps:
             losses = self._optimizer_step(should_abort)
@@ -193,7 +195,7 @@ class Trainer:
             }
             at_checkpoint = self.step % c.checkpoint_every == 0 or self.step == c.steps
             if at_checkpoint and self.validation:
-                line |= _eval_line(self.evaluate(self.validation))
+                line |= _eval_line(self.evaluate(self.validation, should_abort))
             self.metrics.append(line)
             progress(
                 "training",
