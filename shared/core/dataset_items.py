@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -13,6 +12,7 @@ from shared.core.constants import FRAMES_PER_SECOND
 from shared.core.datasets import DatasetItem, ItemStateName
 from shared.core.inputs import InputNotFound, InputResolver, SourceJob, SourceUpload
 from shared.core.jobs import Job
+from shared.core.schemas import DatasetItemIn
 from shared.core.storage import TOKENS
 from shared.core.tokens import InputError, read_tokens
 
@@ -28,9 +28,9 @@ _SOURCE = SourceJob("source_job_id", needs=((TOKENS,),))
 
 
 def check_items(
-    tenant: str, items: list[Any], resolver: InputResolver, settings: Settings
+    tenant: str, items: list[DatasetItemIn], resolver: InputResolver, settings: Settings
 ) -> list[DatasetItem]:
-    """Validated items (pydantic-checked `DatasetItemIn`s) → records; InputNotFound (404) or
+    """Validated items → records; InputNotFound (404) or
     InputError (422) naming `items[i].field` when an item names another tenant's or an
     unusable job or upload, is too long, or the dataset is over its total size."""
     checked = []
