@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from shared.core.audio import encode_audio, read_audio
 from shared.core.config import Settings
-from shared.core.constants import SAMPLE_RATE
+from shared.core.constants import FRAMES_PER_SECOND, SAMPLE_RATE
+from shared.core.dataset_items import item_state, item_tokens
 from shared.core.inpaint import plan_gap
 from shared.core.inputs import InputResolver, Resolved, SourceJob
 from shared.core.jobs import Job
-from shared.core.jobtypes import JOB_TYPES
+from shared.core.jobtypes import ADAPTER_FILES, JOB_TYPES
 from shared.core.lyrics import to_lrc, to_srt
 from shared.core.preview import render_preview
 from shared.core.progress import AbortCheck, Progress
@@ -29,14 +31,15 @@ from shared.core.schemas import (
     DecodeParams,
     EncodeParams,
     ExtendParams,
+    FinetuneParams,
     GenerateParams,
     InpaintParams,
     Params,
     TranscribeParams,
 )
-from shared.core.storage import PREVIEW, TOKENS
+from shared.core.storage import PREVIEW, TOKENS, ObjectStore, artifact_key
 from shared.core.tokens import InputError, read_tokens, tokens_bytes
-from shared.ml.generation.engine import GenerationRequest
+from shared.ml.generation.engine import GenerationEngine, GenerationRequest
 from shared.ml.pipelines import (
     Song,
     decode_tokens,
@@ -44,6 +47,8 @@ from shared.ml.pipelines import (
     inpaint_song,
     tokenize_audio,
 )
+from shared.ml.training.data import SongItem, cut_examples, split_examples
+from shared.ml.training.trainer import TrainConfig, Trainer
 from workers.models import WorkerModels
 
 
@@ -119,6 +124,18 @@ def _request(
     )
 
 
+def _engine(ctx: JobContext) -> AbstractContextManager[GenerationEngine]:
+    """The shared engine, or with `adapter_id` one running the base model + that adapter."""
+    adapter = ctx.inputs.adapters.get("adapter_id")
+    if adapter is None:
+        return nullcontext(ctx.models.engine())
+
+    def files() -> dict[str, bytes]:
+        return {name: ctx.resolver.artifact(adapter, (name,))[1] for name in ADAPTER_FILES}
+
+    return ctx.models.adapter_engine(adapter.id, files)
+
+
 def _song_output(ctx: JobContext, song: Song, **extra: object) -> Output:
     params = ctx.params
     assert isinstance(params, _SongParams)
@@ -135,6 +152,7 @@ def _song_output(ctx: JobContext, song: Song, **extra: object) -> Output:
             "finish_reason": song.finish_reason,
             "sample_rate": SAMPLE_RATE,
             "duration_s": song.audio.shape[1] / SAMPLE_RATE,
+            "adapter_id": getattr(params, "adapter_id", None),
             **extra,
         },
     )
@@ -145,14 +163,15 @@ def generate(ctx: JobContext) -> Output:
     params = ctx.params
     assert isinstance(params, GenerateParams)
     models = ctx.models
-    song = generate_song(
-        models.engine(),
-        models.codec(),
-        models.codec_lock,
-        _request(params, ctx.seed),
-        ctx.progress,
-        ctx.should_abort,
-    )
+    with _engine(ctx) as engine:
+        song = generate_song(
+            engine,
+            models.codec(),
+            models.codec_lock,
+            _request(params, ctx.seed),
+            ctx.progress,
+            ctx.should_abort,
+        )
     return _song_output(ctx, song)
 
 
@@ -169,14 +188,15 @@ def extend(ctx: JobContext) -> Output:
         parent = ctx.resolver.job(ctx.job.tenant, ctx.job.parent_job_id or "", _PARENT_TOKENS)
     history = ctx.resolver.tokens(parent, field)
     models = ctx.models
-    song = generate_song(
-        models.engine(),
-        models.codec(),
-        models.codec_lock,
-        _request(params, ctx.seed, history=history),
-        ctx.progress,
-        ctx.should_abort,
-    )
+    with _engine(ctx) as engine:
+        song = generate_song(
+            engine,
+            models.codec(),
+            models.codec_lock,
+            _request(params, ctx.seed, history=history),
+            ctx.progress,
+            ctx.should_abort,
+        )
     return _song_output(ctx, song, parent_job_id=parent.id, parent_frames=int(history.shape[1]))
 
 
@@ -189,17 +209,18 @@ def inpaint(ctx: JobContext) -> Output:
     audio = _song_audio(ctx, parent)
     gap = plan_gap(params.start_s, params.end_s, tokens.shape[1])
     models = ctx.models
-    song = inpaint_song(
-        models.engine(),
-        models.codec(),
-        models.codec_lock,
-        tokens,
-        audio,
-        gap,
-        _request(params, ctx.seed),
-        ctx.progress,
-        ctx.should_abort,
-    )
+    with _engine(ctx) as engine:
+        song = inpaint_song(
+            engine,
+            models.codec(),
+            models.codec_lock,
+            tokens,
+            audio,
+            gap,
+            _request(params, ctx.seed),
+            ctx.progress,
+            ctx.should_abort,
+        )
     return _song_output(ctx, song, parent_job_id=parent.id, gap_frames=[gap.start, gap.stop])
 
 
@@ -307,6 +328,104 @@ def transcribe(ctx: JobContext) -> Output:
             "lyrics.srt": to_srt(transcript).encode(),
         },
         metadata={"params": params.model_dump(), "source_sample_rate": rate},
+    )
+
+
+# ----- fine-tuning --------------------------------------------------------------------------
+
+CHECKPOINT = "checkpoint.pt"  # under the job's keys: deleted with them on cancel/failure
+
+
+@dataclass
+class JobCheckpoints:
+    """A fine-tune's latest checkpoint in the object store under the job's own keys, so a
+    redelivered job (its worker died) resumes from it."""
+
+    objects: ObjectStore
+    key: str
+
+    def load(self) -> bytes | None:
+        return self.objects.get_bytes(self.key) if self.objects.exists(self.key) else None
+
+    def save(self, data: bytes) -> None:
+        self.objects.put_bytes(self.key, data)
+
+
+def _dataset_songs(ctx: JobContext) -> tuple[list[SongItem], list[dict[str, object]]]:
+    """The dataset's ready songs, and the items left out (failed ones) with the reason."""
+    dataset = ctx.inputs.datasets["dataset_id"]
+    tenant = ctx.job.tenant
+    songs, skipped = [], []
+    for index, item in enumerate(dataset.items):
+        state = item_state(tenant, item, ctx.resolver)
+        if state.state != "ready":
+            skipped.append({"item": index, "state": state.state, "reason": state.reason})
+            continue
+        tokens = item_tokens(tenant, item, state, ctx.resolver)
+        songs.append(SongItem(item.tags, item.lyrics, tokens))
+    return songs, skipped
+
+
+@handles("finetune")
+def finetune(ctx: JobContext) -> Output:
+    """LoRA on the worker's base model; checkpoints every `checkpoint_every` steps under the
+    job's keys, resumed from when the job is delivered again."""
+    params = ctx.params
+    assert isinstance(params, FinetuneParams)
+    ctx.progress("preparing", 0.0)
+    songs, skipped = _dataset_songs(ctx)
+    models = ctx.models
+    prompts = models.prompts()
+    with models.train_lock:
+        model = models.trainable()
+        examples = cut_examples(songs, prompts, model.config.backbone.max_seq_len)
+        train, validation = split_examples(examples, params.validation_fraction, ctx.seed)
+        config = TrainConfig(
+            rank=params.rank,
+            alpha=params.alpha,
+            dropout=params.dropout,
+            targets=tuple(params.targets),
+            learning_rate=params.learning_rate,
+            steps=params.steps,
+            batch_size=params.batch_size,
+            grad_accumulation=params.grad_accumulation,
+            warmup_steps=params.warmup_steps,
+            uncond_prob=params.uncond_prob,
+            checkpoint_every=params.checkpoint_every,
+            seed=ctx.seed,
+        )
+        checkpoints = JobCheckpoints(
+            ctx.resolver.objects, artifact_key(ctx.job.tenant, ctx.job.id, CHECKPOINT)
+        )
+        trainer = Trainer(model, prompts, train, validation, config, checkpoints)
+        try:
+            result = trainer.run(ctx.progress, ctx.should_abort)
+        finally:
+            trainer.close()
+    final = {key: value for key, value in result.metrics[-1].items() if "loss" in key}
+    first_eval = next((line for line in result.metrics if "val_loss" in line), {})
+    dataset = ctx.inputs.datasets["dataset_id"]
+    return Output(
+        files={
+            **result.files,
+            "metrics.jsonl": "".join(json.dumps(line) + "\n" for line in result.metrics).encode(),
+        },
+        metadata={
+            "params": {**params.model_dump(), "seed": ctx.seed},
+            "seed": ctx.seed,
+            "dataset": {
+                "id": dataset.id,
+                "name": dataset.name,
+                "songs": len(songs),
+                "skipped_items": skipped,
+                "seconds": sum(s.tokens.shape[1] for s in songs) / FRAMES_PER_SECOND,
+            },
+            "examples": {"train": len(train), "validation": len(validation)},
+            "train_config": asdict(config),
+            "resumed_from_step": result.resumed_from,
+            "base_val_loss": first_eval.get("val_loss"),
+            "final": final,
+        },
     )
 
 

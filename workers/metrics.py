@@ -131,13 +131,17 @@ def counting_frames(progress: Progress) -> Progress:
     last = {"frames": 0}
 
     def report(
-        stage: str, fraction: float, frames_done: int | None = None, frames_total: int | None = None
+        stage: str,
+        fraction: float,
+        frames_done: int | None = None,
+        frames_total: int | None = None,
+        message: str = "",
     ) -> None:
         if stage == GENERATING and frames_done is not None and frames_done > last["frames"]:
             if last["frames"] == 0:
                 ENGINE_ADMISSIONS.inc()
             ENGINE_FRAMES.inc(frames_done - last["frames"])
             last["frames"] = frames_done
-        progress(stage, fraction, frames_done, frames_total)
+        progress(stage, fraction, frames_done, frames_total, message)
 
     return report

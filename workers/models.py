@@ -3,7 +3,13 @@
 A GPU-queue worker holds one GenerationEngine (its frame loop in a background thread, so
 concurrent generate jobs batch together) and one codec decoder, with a CodecBatcher over it
 (its own loop thread, so concurrent decodes share estimator batches); a CPU-queue worker holds
-the codec encoder. Each is loaded on first use, or up front by `preload` at worker start.
+the codec encoder; a train-queue worker holds the base model it fine-tunes (LoRA layers are added
+per job and taken out after). Each is loaded on first use, or up front by `preload`.
+
+Songs with a LoRA adapter (`adapter_id`) run on a second engine whose model has that adapter
+merged into its weights: correct and simple, one adapter at a time per worker (a request for
+another adapter waits until the current one's requests are done). Multi-adapter batches will
+replace this.
 """
 
 from __future__ import annotations
@@ -13,16 +19,22 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from shared.core.config import Settings
 from shared.ml.codec.batching import CodecBatcher
 from shared.ml.codec.decoder import HeartCodecDecoder, load_codec
 from shared.ml.codec.encoder import EncoderNotFoundError, HeartCodecEncoder, load_encoder
 from shared.ml.generation.engine import GenerationEngine
-from shared.ml.models.checkpoint import CheckpointError
-from shared.ml.models.heartmula import heartmula_folder
+from shared.ml.models.checkpoint import CheckpointError, resolve_device, resolve_dtype
+from shared.ml.models.heartmula import HeartMuLa, heartmula_folder, load_heartmula
+from shared.ml.models.prompt import PromptBuilder
 from shared.ml.models.tiny import NOISE_WARNING, TINY_VERSION, write_tiny_models
+from shared.ml.training.lora import merge_adapter
 from shared.ml.transcribe import Transcriber, load_transcriber
 
 log = logging.getLogger(__name__)
@@ -74,6 +86,12 @@ class WorkerModels:
         self._batcher: CodecBatcher | None = None
         self._encoder: HeartCodecEncoder | None = None
         self._transcriber: Transcriber | None = None
+        self._trainable: HeartMuLa | None = None
+        self.train_lock = threading.Lock()  # one fine-tune at a time on the trainable model
+        self._prompts: PromptBuilder | None = None
+        self._adapter_turn = threading.Condition()
+        self._adapter_engine: tuple[str, GenerationEngine] | None = None
+        self._adapter_users = 0
 
     def engine(self) -> GenerationEngine:
         with self._load_lock:
@@ -122,11 +140,69 @@ class WorkerModels:
                 )
             return self._transcriber
 
+    def prompts(self) -> PromptBuilder:
+        with self._load_lock:
+            if self._prompts is None:
+                self._prompts = PromptBuilder.from_model_dir(self.model_dir)
+            return self._prompts
+
+    def _base_model(self, dtype: torch.dtype | None = None) -> HeartMuLa:
+        device = resolve_device(self.settings.device)
+        folder = heartmula_folder(self.model_dir, self.settings.model_version)
+        return load_heartmula(folder, device, dtype or resolve_dtype(self.settings.dtype, device))
+
+    def trainable(self) -> HeartMuLa:
+        """The base model fine-tunes add their LoRA layers to: fp32 on CPU; bf16 weights on a
+        GPU (the LoRA weights train in fp32 under bf16 autocast), so the 3B fits 24 GB."""
+        with self._load_lock:
+            if self._trainable is None:
+                device = resolve_device(self.settings.device)
+                dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+                log.info("loading HeartMuLa-oss-%s to fine-tune", self.model_version)
+                self._trainable = self._base_model(dtype)
+            return self._trainable
+
+    @contextmanager
+    def adapter_engine(
+        self, adapter_id: str, files: Callable[[], dict[str, bytes]]
+    ) -> Iterator[GenerationEngine]:
+        """An engine running the base model with adapter `adapter_id` merged in (`files` reads
+        the adapter when it is not the one loaded). One adapter at a time: a request for
+        another waits until the current adapter's requests are done, then replaces it."""
+        with self._adapter_turn:
+            while (
+                self._adapter_engine is not None
+                and self._adapter_engine[0] != adapter_id
+                and self._adapter_users
+            ):
+                self._adapter_turn.wait()
+            if self._adapter_engine is None or self._adapter_engine[0] != adapter_id:
+                if self._adapter_engine is not None:
+                    self._adapter_engine[1].stop()
+                    self._adapter_engine = None
+                log.info("loading HeartMuLa-oss-%s with adapter %s", self.model_version, adapter_id)
+                model = merge_adapter(self._base_model(), files())
+                engine = GenerationEngine(
+                    model, self.prompts(), max_rows=self.settings.engine_max_rows
+                )
+                engine.start()
+                self._adapter_engine = (adapter_id, engine)
+            self._adapter_users += 1
+            engine = self._adapter_engine[1]
+        try:
+            yield engine
+        finally:
+            with self._adapter_turn:
+                self._adapter_users -= 1
+                self._adapter_turn.notify_all()
+
     def preload(self, queues: set[str]) -> None:
         """Load what the consumed queues need, so the first job does not pay for it."""
         if "gpu" in queues:
             self.engine()
             self.codec()
+        if "train" in queues:
+            self.trainable()
         if "cpu" in queues:
             # Both optional: their jobs fail saying which folder is missing.
             try:
@@ -143,3 +219,5 @@ class WorkerModels:
             self._engine.stop()
         if self._batcher is not None:
             self._batcher.stop()
+        if self._adapter_engine is not None:
+            self._adapter_engine[1].stop()

@@ -24,6 +24,7 @@ class _State:
     stage: str = "running"
     frames_done: int | None = None
     frames_total: int | None = None
+    message: str = ""
 
 
 class ProgressReporter:
@@ -51,12 +52,13 @@ class ProgressReporter:
         fraction: float,
         frames_done: int | None = None,
         frames_total: int | None = None,
+        message: str = "",
     ) -> None:
         """Record the latest progress (0–1 of the job); a new stage is written at once."""
         percent = min(max(100.0 * fraction, 0.0), 100.0)
         with self._lock:
             new_stage = stage != self._state.stage
-            self._state = _State(percent, stage, frames_done, frames_total)
+            self._state = _State(percent, stage, frames_done, frames_total, message)
         if new_stage:
             self._write()
 
@@ -72,6 +74,7 @@ class ProgressReporter:
                 self.job_id,
                 round(s.percent, 2),
                 s.stage,
+                message=s.message,
                 frames_done=s.frames_done,
                 frames_total=s.frames_total,
             )

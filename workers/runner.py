@@ -166,7 +166,7 @@ class JobRunner:
                 job, lease, "unsupported", f"this worker does not run {job.type!r} jobs"
             )
             return
-        deadline = time.monotonic() + self.settings.job_time_limit_s
+        deadline = time.monotonic() + self._time_limit(job)
         reason: str | None = None  # why the run stops early: see _aborted
         last_poll = -CANCEL_POLL_S
 
@@ -254,11 +254,20 @@ class JobRunner:
                 metrics.audio_decoded(float(output.metadata.get("duration_s", 0.0)))
             log.info("job %s succeeded (worker %s)", job.id, self.worker)
 
+    def _time_limit(self, job: Job) -> int:
+        """A fine-tune (train queue) runs for hours; every other job within the job limit."""
+        if JOB_TYPES[job.type].queue == "train":
+            return self.settings.train_time_limit_s
+        return self.settings.job_time_limit_s
+
     def _aborted(self, job: Job, lease: Lease, reason: str | None) -> None:
         if reason == "time_limit":
-            limit = self.settings.job_time_limit_s
+            name = "TRAIN" if JOB_TYPES[job.type].queue == "train" else "JOB"
             self._end_failed(
-                job, lease, "time_limit", f"ran past HEARTCLUSTER_JOB_TIME_LIMIT_S={limit}"
+                job,
+                lease,
+                "time_limit",
+                f"ran past HEARTCLUSTER_{name}_TIME_LIMIT_S={self._time_limit(job)}",
             )
         elif reason == "lease_lost":
             log.warning("job %s: lease lost; this run's outcome is dropped", job.id)

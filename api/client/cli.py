@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from api.client.batch_cli import add_batch_commands
 from api.client.cli_errors import run_reporting_errors
 from api.client.cluster_cli import add_cluster_commands, read_text_or_file
+from api.client.datasets_cli import add_dataset_commands
 from api.client.jobs_cli import add_jobs_commands
 from api.client.operator_cli import add_operator_commands
 from shared.core.constants import FRAMES_PER_SECOND
@@ -357,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_commands(commands)
     add_jobs_commands(commands)
     add_batch_commands(commands)
+    add_dataset_commands(commands)
     add_operator_commands(commands)
     return parser
 

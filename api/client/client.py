@@ -166,6 +166,18 @@ class Client:
     def delete_upload(self, upload_id: str) -> None:
         self._request("DELETE", f"v1/uploads/{upload_id}")
 
+    def create_dataset(self, name: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return self._request("POST", "v1/datasets", json={"name": name, "items": items}).json()
+
+    def dataset(self, dataset_id: str) -> dict[str, Any]:
+        return self._request("GET", f"v1/datasets/{dataset_id}").json()
+
+    def datasets(self, limit: int = 50) -> dict[str, Any]:
+        return self._request("GET", "v1/datasets", params={"limit": limit}).json()
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._request("DELETE", f"v1/datasets/{dataset_id}")
+
     def rotate_webhook_secret(self) -> str:
         """A new signing secret (shown only now); the previous one signs too for a day."""
         return self._request("POST", "v1/webhooks/secret").json()["secret"]

@@ -87,7 +87,9 @@ def up_hint(data_dir: str) -> str:
 def _cmd_up(args: argparse.Namespace) -> int:
     from api.client.local_cluster import LocalCluster
 
-    cluster = LocalCluster(Path(args.data_dir), args.host, args.port)
+    cluster = LocalCluster(
+        Path(args.data_dir), args.host, args.port, train_worker=not args.no_train_worker
+    )
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         cluster.start()
@@ -114,7 +116,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
     lyrics = read_text_or_file(args.lyrics)
     params = {"tags": args.tags, "lyrics": lyrics, "duration_s": args.duration, "seed": 7}
-    cluster = LocalCluster(data_dir, port=args.port or free_port())
+    cluster = LocalCluster(data_dir, port=args.port or free_port(), train_worker=False)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         cluster.start()
@@ -287,7 +289,10 @@ def add_cluster_commands(commands: argparse._SubParsersAction) -> None:
     worker.add_argument("--loglevel", default="INFO", help="Celery log level")
     worker.set_defaults(handler=_cmd_worker)
 
-    up = commands.add_parser("up", help="gateway + GPU-queue worker + CPU worker on this machine")
+    up = commands.add_parser(
+        "up", help="gateway + GPU-queue, CPU and train (fine-tune) workers on this machine"
+    )
+    up.add_argument("--no-train-worker", action="store_true", help="no fine-tunes here")
     up.add_argument("--host", default="127.0.0.1", help="the gateway's address")
     up.add_argument("--port", type=int, default=8000, help="the gateway's port")
     _data_dir_option(up, "Redis data, artifacts, logs, the URL and API key")

@@ -1,4 +1,5 @@
-"""`heartcluster up`: gateway + one GPU-queue worker + one CPU worker on this machine.
+"""`heartcluster up`: gateway + one GPU-queue worker + one CPU worker + one train worker (for
+fine-tunes; leave it out with `--no-train-worker`) on this machine.
 
 Each data directory is its own cluster: without HEARTCLUSTER_REDIS_URL it runs its own
 redis-server (append-only file under DATA_DIR/redis), so two local clusters never share jobs;
@@ -43,7 +44,7 @@ from shared.core.queueing import consumed_queues, make_celery
 from shared.core.tenants import TenantStore
 
 LOCAL_TENANT = "local"
-QUEUES = ("gpu", "cpu")
+QUEUES = ("gpu", "cpu")  # always served; "train" too unless train_worker=False
 TINY_BANNER = (
     "\n"
     "  !!! HEARTCLUSTER_MODEL_DIR is not set: using TINY RANDOM-WEIGHT models.         !!!\n"
@@ -62,6 +63,7 @@ class LocalCluster:
         port: int = 8000,
         env: Mapping[str, str] | None = None,
         log=print,
+        train_worker: bool = True,
     ) -> None:
         self.data_dir = data_dir.expanduser().resolve()
         self.host = host
@@ -74,6 +76,7 @@ class LocalCluster:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}  # gateway and workers by name
         self.metrics_ports: dict[str, int] = {}  # worker name → its /metrics port, when known
         self._redis: subprocess.Popen[bytes] | None = None
+        self.queues = (*QUEUES, "train") if train_worker else QUEUES
 
     @property
     def log_dir(self) -> Path:
@@ -110,7 +113,7 @@ class LocalCluster:
             if settings.model_dir is None:
                 self.log(TINY_BANNER)
             env = {**self.env, **overrides}
-            for kind in QUEUES:
+            for kind in self.queues:
                 concurrency = default_concurrency(kind, settings.engine_max_rows)
                 command = worker_command(kind, self.data_dir, concurrency)
                 self._spawn(f"{kind}-worker", command, self._worker_env(kind, env))
@@ -141,7 +144,7 @@ class LocalCluster:
     def _wait_ready(self, settings: Settings, deadline: float) -> None:
         celery = make_celery(settings)
         gateway_up = False
-        waiting: set[str] = set(QUEUES)
+        waiting: set[str] = set(self.queues)
         while time.monotonic() < deadline:
             self.check_alive()
             if not gateway_up:
@@ -173,7 +176,8 @@ class LocalCluster:
         """Gateway first, then workers (warm shutdown: after HEARTCLUSTER_STOP_GRACE_S their
         running jobs go back to the queue), then our Redis."""
         forget_url(self.data_dir, self.url)
-        names = [n for n in ("gateway", "gpu-worker", "cpu-worker") if n in self.processes]
+        workers = [f"{kind}-worker" for kind in self.queues]
+        names = [n for n in ("gateway", *workers) if n in self.processes]
         stop_processes([self.processes.pop(n) for n in names])
         if self._redis is not None:
             stop_processes([self._redis])

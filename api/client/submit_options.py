@@ -41,12 +41,15 @@ def _add_field(parser: Any, name: str, info: FieldInfo, required: bool) -> None:
         kwargs["choices"] = get_args(base)
     elif base in (int, float):
         kwargs["type"] = base
+    elif get_origin(base) is list:  # e.g. finetune --targets q_proj v_proj
+        kwargs["nargs"] = "+"
     text = info.description or ""
     kwargs["metavar"] = "SECONDS" if name.endswith("_s") else name.upper()
     if name.endswith("_s") and "second" not in text.lower():
         text = f"in seconds. {text}".strip()
-    if info.default not in (None, ...) and not info.is_required():
-        text = f"{text} (default: {info.default})".strip()
+    default = None if info.is_required() else info.get_default(call_default_factory=True)
+    if default is not None:
+        text = f"{text} (default: {default})".strip()
     if required:
         kwargs["required"] = True
     parser.add_argument(option_name(name), help=text or None, **kwargs)

@@ -60,6 +60,7 @@ def create_app(
     from api.gateway.metrics import register_metrics
     from api.gateway.openapi import bp as openapi_bp
     from api.gateway.routes.batches import bp as batches_bp
+    from api.gateway.routes.datasets import bp as datasets_bp
     from api.gateway.routes.docs import bp as docs_bp
     from api.gateway.routes.health import bp as health_bp
     from api.gateway.routes.jobs import bp as jobs_bp
@@ -96,6 +97,7 @@ def create_app(
         jobs_bp,
         uploads_bp,
         batches_bp,
+        datasets_bp,
         webhooks_bp,
         web_bp,
         docs_bp,

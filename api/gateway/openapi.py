@@ -29,7 +29,7 @@ from api.gateway.app import services
 from api.gateway.auth import authenticate
 from shared.core.config import Settings
 from shared.core.jobtypes import JOB_TYPES
-from shared.core.schemas import ErrorBody, SubmitRequest
+from shared.core.schemas import DatasetCreate, DatasetItemIn, ErrorBody, SubmitRequest
 from shared.core.text import CONTROL_CLASS
 
 bp = Blueprint("openapi", __name__)
@@ -52,6 +52,9 @@ _HEADERS_TOO_LARGE = Reply(
 
 # Cross-field rules of the params models that JSON Schema can state: exactly one of two sources.
 _ONE_SOURCE_OF = {entry.params: entry.alternative_sources for entry in JOB_TYPES.values()}
+_ONE_SOURCE_OF[DatasetItemIn] = ("upload_id", "source_job_id")
+# Request bodies besides job params whose validators the schema states too.
+_RULED_BODIES = (DatasetCreate, DatasetItemIn)
 
 _RULE_ARGUMENT = re.compile(r"<(?:(?P<converter>\w+)(?:\([^)]*\))?:)?(?P<name>\w+)>")
 # What Werkzeug's default converter matches; "." and ".." would be resolved away by clients.
@@ -263,6 +266,12 @@ def _schemas(
     schemas: dict[str, Any] = definitions["$defs"]
     for _, params in types:
         _add_rules(schemas[params.__name__], params, settings)
+    for body in _RULED_BODIES:
+        if body.__name__ in schemas:
+            _add_rules(schemas[body.__name__], body, settings)
+    if DatasetCreate.__name__ in schemas:
+        items = schemas[DatasetCreate.__name__]["properties"]["items"]
+        items["maxItems"] = settings.max_dataset_items
     if SubmitRequest.__name__ in schemas:
         schemas.update(_submit_variants(schemas[SubmitRequest.__name__], types, settings))
     return schemas

@@ -51,6 +51,7 @@ class Settings:
     max_upload_seconds: float = 600.0
     max_attempts: int = 3
     job_time_limit_s: int = 3600
+    train_time_limit_s: int = 72 * 3600  # a fine-tune (train queue) runs overnight or longer
     # A running job's lease lasts lease_s and its worker renews it every heartbeat_s, so a lost
     # worker's jobs go back to the queue within about lease_s + heartbeat_s.
     lease_s: float = 15.0
@@ -76,6 +77,11 @@ class Settings:
     # A worker's Prometheus /metrics port; taken, the next free of METRICS_PORT_SPAN ports (a
     # machine runs several workers); 0 turns worker metrics off.
     metrics_port: int = 9464
+    # fine-tune datasets: items per dataset, seconds per item (longer ones are refused; those
+    # longer than the context are cut into pieces at training time), seconds in all
+    max_dataset_items: int = 1000
+    max_dataset_item_seconds: float = 1200.0
+    max_dataset_seconds: float = 200 * 3600.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -117,6 +123,9 @@ class Settings:
             ),
             max_attempts=reader.get("MAX_ATTEMPTS", cls.max_attempts, _positive(int)),
             job_time_limit_s=reader.get("JOB_TIME_LIMIT_S", cls.job_time_limit_s, _positive(int)),
+            train_time_limit_s=reader.get(
+                "TRAIN_TIME_LIMIT_S", cls.train_time_limit_s, _positive(int)
+            ),
             lease_s=reader.get("LEASE_S", cls.lease_s, _positive(float)),
             heartbeat_s=reader.get("HEARTBEAT_S", cls.heartbeat_s, _positive(float)),
             stop_grace_s=reader.get("STOP_GRACE_S", cls.stop_grace_s, _non_negative),
@@ -140,6 +149,15 @@ class Settings:
             ),
             webhook_allow_private=reader.get(
                 "WEBHOOK_ALLOW_PRIVATE", cls.webhook_allow_private, _bool
+            ),
+            max_dataset_items=reader.get(
+                "MAX_DATASET_ITEMS", cls.max_dataset_items, _positive(int)
+            ),
+            max_dataset_item_seconds=reader.get(
+                "MAX_DATASET_ITEM_SECONDS", cls.max_dataset_item_seconds, _positive(float)
+            ),
+            max_dataset_seconds=reader.get(
+                "MAX_DATASET_SECONDS", cls.max_dataset_seconds, _positive(float)
             ),
             background_poll_s=reader.get(
                 "BACKGROUND_POLL_S", cls.background_poll_s, _positive(float)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import numpy as np
 
 from shared.core.constants import FRAMES_PER_SECOND
+from shared.core.datasets import Dataset, DatasetStore
 from shared.core.jobs import Job, JobStore, Upload, UploadStore
 from shared.core.storage import TOKENS, ObjectStore, artifact_key
 from shared.core.tokens import InputError, read_tokens
@@ -40,6 +41,25 @@ class SourceUpload:
     first_step: str | None = None
 
 
+@dataclass(frozen=True)
+class SourceAdapter:
+    """A params field naming a succeeded fine-tune of the same tenant (its LoRA adapter)."""
+
+    field: str
+    job_type: str = "finetune"
+    needs: tuple[str, ...] = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass(frozen=True)
+class SourceDataset:
+    """A params field naming a dataset of the same tenant."""
+
+    field: str
+
+
+InputSpec = SourceJob | SourceUpload | SourceAdapter | SourceDataset
+
+
 @dataclass
 class Resolved:
     """The inputs of one job, checked: field → job or upload."""
@@ -47,6 +67,9 @@ class Resolved:
     resolver: InputResolver
     jobs: dict[str, Job] = field(default_factory=dict)
     uploads: dict[str, Upload] = field(default_factory=dict)
+    adapters: dict[str, Job] = field(default_factory=dict)
+    datasets: dict[str, Dataset] = field(default_factory=dict)
+    tenant: str = ""
 
     @property
     def parent(self) -> Job | None:
@@ -66,21 +89,40 @@ class InputResolver:
         self.job_store = jobs
         self.upload_store = uploads
         self.objects = objects
+        self.datasets = DatasetStore(jobs.redis)
 
-    def resolve(
-        self, tenant: str, inputs: tuple[SourceJob | SourceUpload, ...], params: Any
-    ) -> Resolved:
+    def resolve(self, tenant: str, inputs: tuple[InputSpec, ...], params: Any) -> Resolved:
         """Every input the params name (None fields are skipped), checked in declaration order."""
-        resolved = Resolved(self)
+        resolved = Resolved(self, tenant=tenant)
         for spec in inputs:
             value = getattr(params, spec.field)
             if value is None:
                 continue
             if isinstance(spec, SourceJob):
                 resolved.jobs[spec.field] = self.job(tenant, value, spec)
-            else:
+            elif isinstance(spec, SourceUpload):
                 resolved.uploads[spec.field] = self.upload(tenant, value, spec)
+            elif isinstance(spec, SourceAdapter):
+                resolved.adapters[spec.field] = self.adapter(tenant, value, spec)
+            else:
+                resolved.datasets[spec.field] = self.dataset(tenant, value, spec)
         return resolved
+
+    def adapter(self, tenant: str, job_id: str, spec: SourceAdapter) -> Job:
+        job = self.job_store.get_for_tenant(tenant, job_id)
+        if job is None:
+            raise InputNotFound(spec.field, f"no job {job_id}")
+        if job.type != spec.job_type:
+            raise InputError(spec.field, f"job {job.id} is a {job.type} job, not {spec.job_type}")
+        if job.state != "succeeded" or not set(spec.needs) <= set(job.artifacts):
+            raise InputError(spec.field, f"job {job.id} holds no adapter (state {job.state})")
+        return job
+
+    def dataset(self, tenant: str, dataset_id: str, spec: SourceDataset) -> Dataset:
+        dataset = self.datasets.get_for_tenant(tenant, dataset_id)
+        if dataset is None:
+            raise InputNotFound(spec.field, f"no dataset {dataset_id}")
+        return dataset
 
     def job(self, tenant: str, job_id: str, spec: SourceJob) -> Job:
         source = self.job_store.get_for_tenant(tenant, job_id)

@@ -362,6 +362,11 @@ class JobStore:
         self._cancel = redis_client.register_script(_CANCEL)
         self._delete = redis_client.register_script(_DELETE)
 
+    @property
+    def redis(self) -> redis.Redis:
+        """The client, for stores of records that refer to jobs (datasets)."""
+        return self._redis
+
     # -- creation and reading -------------------------------------------------------------
 
     def create(self, job: Job) -> Job:

@@ -19,14 +19,23 @@ from pydantic import ValidationError
 
 from shared.core.config import Settings
 from shared.core.constants import CONTEXT_POSITIONS, FRAME_S, frames_for_seconds
+from shared.core.dataset_items import item_state
 from shared.core.inpaint import plan_gap
-from shared.core.inputs import Resolved, SourceJob, SourceUpload
+from shared.core.inputs import (
+    InputSpec,
+    Resolved,
+    SourceAdapter,
+    SourceDataset,
+    SourceJob,
+    SourceUpload,
+)
 from shared.core.prompt_text import prompt_counter
 from shared.core.schemas import (
     AUDIO_ARTIFACTS,
     DecodeParams,
     EncodeParams,
     ExtendParams,
+    FinetuneParams,
     GenerateParams,
     InpaintParams,
     InvalidRequest,
@@ -50,8 +59,9 @@ class JobType:
     summary: str
     params: type[Params]
     queue: Queue
-    # the jobs and uploads the params may name (each checked for owner, kind and state)
-    inputs: tuple[SourceJob | SourceUpload, ...] = ()
+    # the jobs, uploads, adapters and datasets the params may name (each checked for owner,
+    # kind and state)
+    inputs: tuple[InputSpec, ...] = ()
     # what a succeeded job holds besides metadata.json; `{format}` is the params' format
     artifacts: tuple[str, ...] = ()
     # checks that need the resolved inputs (song lengths...) and this deployment's settings
@@ -61,8 +71,9 @@ class JobType:
     @property
     def alternative_sources(self) -> tuple[str, ...]:
         """Fields of which exactly one must be given: a source job or an upload."""
-        kinds = {type(spec) for spec in self.inputs}
-        return tuple(spec.field for spec in self.inputs) if len(kinds) == 2 else ()
+        sources = [spec for spec in self.inputs if isinstance(spec, SourceJob | SourceUpload)]
+        kinds = {type(spec) for spec in sources}
+        return tuple(spec.field for spec in sources) if len(kinds) == 2 else ()
 
     def artifact_names(self, params: Params) -> tuple[str, ...]:
         """The artifact names a job with these params writes, metadata.json included."""
@@ -109,23 +120,49 @@ def _check_inpaint(params: Params, resolved: Resolved, settings: Settings) -> No
     _inherit_prompt(params, resolved)
 
 
+def _check_finetune(params: Params, resolved: Resolved, settings: Settings) -> None:
+    """The dataset must be done encoding and hold at least one ready song."""
+    dataset = resolved.datasets["dataset_id"]
+    states = [item_state(resolved.tenant, item, resolved.resolver) for item in dataset.items]
+    encoding = sum(state.state == "encoding" for state in states)
+    if encoding:
+        raise InputError(
+            "dataset_id", f"{encoding} items of dataset {dataset.id} are still encoding; wait"
+        )
+    if not any(state.state == "ready" for state in states):
+        raise InputError("dataset_id", f"dataset {dataset.id} has no ready item")
+
+
 # ----- the registry -------------------------------------------------------------------------
 
 _SONG = (TOKENS, AUDIO, PREVIEW)
+_ADAPTER = SourceAdapter("adapter_id")  # a song job may use a fine-tune's LoRA adapter
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _SOURCE_TOKENS = SourceJob("source_job_id", needs=((TOKENS,),))
 _SOURCE_AUDIO = SourceJob("source_job_id", needs=(AUDIO_ARTIFACTS,))
 
 JOB_TYPES: dict[str, JobType] = {
     job_type.name: job_type
     for job_type in (
-        JobType("generate", "tags + lyrics → song", GenerateParams, "gpu", artifacts=_SONG),
+        JobType(
+            "generate",
+            "tags + lyrics → song",
+            GenerateParams,
+            "gpu",
+            inputs=(_ADAPTER,),
+            artifacts=_SONG,
+        ),
         JobType(
             "extend",
             "continue a finished song or an uploaded one",
             ExtendParams,
             "gpu",
             # an uploaded song is encoded by a first `encode` job this one waits for
-            inputs=(_SOURCE_TOKENS, SourceUpload("upload_id", "audio", first_step="encode")),
+            inputs=(
+                _SOURCE_TOKENS,
+                SourceUpload("upload_id", "audio", first_step="encode"),
+                _ADAPTER,
+            ),
             artifacts=_SONG,
             check=_check_extend,
         ),
@@ -134,7 +171,7 @@ JOB_TYPES: dict[str, JobType] = {
             "regenerate [start_s, end_s) of a finished song",
             InpaintParams,
             "gpu",
-            inputs=(SourceJob("source_job_id", needs=((TOKENS,), AUDIO_ARTIFACTS)),),
+            inputs=(SourceJob("source_job_id", needs=((TOKENS,), AUDIO_ARTIFACTS)), _ADAPTER),
             artifacts=_SONG,
             check=_check_inpaint,
         ),
@@ -161,6 +198,15 @@ JOB_TYPES: dict[str, JobType] = {
             "cpu",
             inputs=(_SOURCE_AUDIO, SourceUpload("upload_id", "audio")),
             artifacts=("transcript.json", "lyrics.lrc", "lyrics.srt"),
+        ),
+        JobType(
+            "finetune",
+            "LoRA fine-tune on a dataset → adapter (PEFT format)",
+            FinetuneParams,
+            "train",
+            inputs=(SourceDataset("dataset_id"),),
+            artifacts=(*ADAPTER_FILES, "metrics.jsonl"),
+            check=_check_finetune,
         ),
     )
 }

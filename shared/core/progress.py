@@ -25,9 +25,11 @@ class Progress(Protocol):
         fraction: float,
         frames_done: int | None = None,
         frames_total: int | None = None,
+        message: str = "",
     ) -> None:
         """`fraction` (0–1) of the work is done; `stage` names what runs now (generating,
-        decoding, ...); steps that work in song frames also say how many of them are done."""
+        decoding, ...); steps that work in song frames (or a fine-tune's optimizer steps) also
+        say how many of them are done; `message` is a line for people (a fine-tune's loss)."""
 
 
 def share_of(progress: Progress, start: float, end: float) -> Progress:
@@ -41,8 +43,11 @@ def share_of(progress: Progress, start: float, end: float) -> Progress:
         fraction: float,
         frames_done: int | None = None,
         frames_total: int | None = None,
+        message: str = "",
     ) -> None:
-        progress(stage, start + (end - start) * fraction, frames_done, frames_total)
+        progress(
+            stage, start + (end - start) * fraction, frames_done, frames_total, message=message
+        )
 
     return report
 
@@ -63,6 +68,7 @@ def percent_bar(bar: Bar) -> Progress:
         fraction: float,
         frames_done: int | None = None,
         frames_total: int | None = None,
+        message: str = "",
     ) -> None:
         bar.update(round(fraction * 100) - bar.n)
 

@@ -170,6 +170,12 @@ class GenerateParams(_PromptParams):
         None, ge=0, le=SEED_MAX, description="Omit to let the worker pick one (recorded)."
     )
     format: AudioFormat = "flac"
+    adapter_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=ID_MAX_CHARS,
+        description="A succeeded finetune job of yours: generate with its LoRA adapter.",
+    )
 
     @field_validator("duration_s")
     @classmethod
@@ -254,6 +260,12 @@ class InpaintParams(_PromptParams):
     cfg_scale: float = Field(1.0, ge=1.0, le=10.0)
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     format: AudioFormat = "flac"
+    adapter_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=ID_MAX_CHARS,
+        description="A succeeded finetune job of yours: regenerate with its LoRA adapter.",
+    )
 
     @field_validator("end_s")
     @classmethod
@@ -289,6 +301,128 @@ class TranscribeParams(Params):
     @classmethod
     def _one_source(cls, value: str | None, info: ValidationInfo) -> str | None:
         return _second_source(value, info, "source_job_id")
+
+
+# LoRA targets: a projection of both transformers (`q_proj`) or of one (`decoder.w1`).
+LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3")
+LORA_TARGETS = (
+    *LORA_PROJECTIONS,
+    *(f"{part}.{name}" for part in ("backbone", "decoder") for name in LORA_PROJECTIONS),
+)
+
+
+class FinetuneParams(Params):
+    """LoRA fine-tune of the base model on a dataset (runs on the train queue, resumable)."""
+
+    dataset_id: str = Field(min_length=1, max_length=ID_MAX_CHARS)
+    rank: int = Field(16, ge=1, le=256)
+    alpha: int = Field(32, ge=1, le=4096)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    targets: list[str] = Field(
+        default_factory=lambda: list(LORA_PROJECTIONS),
+        min_length=1,
+        max_length=len(LORA_TARGETS),
+        description="Projections to adapt: q_proj, k_proj, v_proj, output_proj, w1, w2, w3 "
+        "(both transformers) or backbone.NAME / decoder.NAME (one).",
+        json_schema_extra={"items": {"enum": list(LORA_TARGETS)}, "uniqueItems": True},
+    )
+    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    steps: int = Field(1000, ge=1, le=1_000_000, description="Optimizer steps.")
+    batch_size: int = Field(1, ge=1, le=64, description="Examples per micro-batch.")
+    grad_accumulation: int = Field(1, ge=1, le=256, description="Micro-batches per step.")
+    warmup_steps: int = Field(0, ge=0, le=1_000_000)
+    uncond_prob: float = Field(
+        0.1, ge=0.0, le=1.0, description="Share of examples trained unconditional (for CFG)."
+    )
+    validation_fraction: float = Field(0.1, ge=0.0, le=0.5)
+    checkpoint_every: int = Field(100, ge=1, le=1_000_000)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, value: list[str]) -> list[str]:
+        unknown = [t for t in value if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"unknown targets {unknown}; choose from {list(LORA_TARGETS)}")
+        if len(set(value)) != len(value):
+            raise ValueError("a target is named twice")
+        return value
+
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup(cls, value: int, info: ValidationInfo) -> int:
+        steps = info.data.get("steps")
+        if steps is not None and value >= steps:
+            raise ValueError(f"warmup_steps must be under steps ({steps})")
+        return value
+
+
+# -- datasets -------------------------------------------------------------------------------
+
+
+class DatasetItemIn(_PromptParams):
+    """One song of a dataset: a finished song job or an upload, with its tags and lyrics."""
+
+    upload_id: str | None = Field(
+        None, min_length=1, max_length=ID_MAX_CHARS, description="An audio or tokens upload."
+    )
+    source_job_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=ID_MAX_CHARS,
+        validate_default=True,
+        description="A succeeded job holding tokens.npy.",
+    )
+    tags: str = Field(min_length=1, examples=["samba,guitar"])
+    lyrics: str = ""
+
+    @field_validator("source_job_id")
+    @classmethod
+    def _one_source(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _second_source(value, info, "upload_id")
+
+
+class DatasetCreate(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    items: list[DatasetItemIn] = Field(
+        min_length=1, description="At most HEARTCLUSTER_MAX_DATASET_ITEMS items."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return clean_text(value)
+
+    @field_validator("items")
+    @classmethod
+    def _count(cls, value: list[DatasetItemIn], info: ValidationInfo) -> list[DatasetItemIn]:
+        limit = _limits(info).max_dataset_items
+        if len(value) > limit:
+            raise ValueError(f"{len(value)} items; at most {limit} allowed")
+        return value
+
+
+def dataset_field(loc: tuple[int | str, ...]) -> str:
+    """A pydantic location as clients name it: items[3].tags."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def parse_dataset(body: Any, settings: Settings) -> DatasetCreate:
+    if not isinstance(body, dict):
+        raise InvalidRequest(None, "the body must be a JSON object")
+    try:
+        return DatasetCreate.model_validate(body, context={"settings": settings})
+    except ValidationError as error:
+        details = [
+            {"field": dataset_field(tuple(e["loc"])), "message": e["msg"]}
+            for e in error.errors(include_url=False)
+        ]
+        raise InvalidRequest(details[0]["field"], details[0]["message"], details) from None
 
 
 class SubmitRequest(BaseModel):
@@ -400,6 +534,47 @@ class UploadOut(BaseModel):
 
 class UploadList(BaseModel):
     uploads: list[UploadOut]
+    next_cursor: str | None = Field(description="Pass as ?cursor= for the next page.")
+
+
+class DatasetItemOut(BaseModel):
+    upload_id: str | None
+    source_job_id: str | None
+    encode_job_id: str | None = Field(description="The encode job of an audio upload.")
+    tags: str
+    lyrics: str
+    state: Literal["ready", "encoding", "failed"]
+    reason: str | None = Field(description="Why the item failed.")
+    frames: int
+    seconds: float
+
+
+class DatasetTotals(BaseModel):
+    items: int
+    ready: int
+    encoding: int
+    failed: int
+    seconds: float = Field(description="Audio seconds of every item.")
+    frames: int
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    items: list[DatasetItemOut]
+    totals: DatasetTotals
+    created_at: float
+
+
+class DatasetSummary(BaseModel):
+    id: str
+    name: str
+    items: int
+    created_at: float
+
+
+class DatasetList(BaseModel):
+    datasets: list[DatasetSummary]
     next_cursor: str | None = Field(description="Pass as ?cursor= for the next page.")
 
 

@@ -100,9 +100,13 @@ def _decode_share(
     decoding = share_of(progress, GENERATE_SHARE, 1.0)
 
     def report(
-        stage: str, fraction: float, frames_done: int | None = None, total: int | None = None
+        stage: str,
+        fraction: float,
+        frames_done: int | None = None,
+        total: int | None = None,
+        message: str = "",
     ) -> None:
-        decoding(stage, fraction, frames, frames)
+        decoding(stage, fraction, frames, frames, message)
 
     report("decoding", 0.0)
     return decode_tokens(

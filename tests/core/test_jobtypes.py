@@ -59,7 +59,7 @@ def test_the_cli_offers_every_type_with_every_param() -> None:
         for field in entry.params.model_fields:
             if field in uploads:
                 continue
-            if field in ("tags", "source_job_id", "start_s", "end_s"):
+            if field in ("tags", "source_job_id", "start_s", "end_s", "dataset_id"):
                 args += [option_name(field), "1" if field.endswith("_s") else "x"]
         if uploads and not any(s.field == "source_job_id" for s in entry.inputs):
             args += ["--audio", "song.wav"]

@@ -12,6 +12,7 @@ Report = tuple[str, float, int | None, int | None]
 class Recorder:
     def __init__(self) -> None:
         self.reports: list[Report] = []
+        self.messages: list[str] = []
 
     def __call__(
         self,
@@ -19,8 +20,10 @@ class Recorder:
         fraction: float,
         frames_done: int | None = None,
         frames_total: int | None = None,
+        message: str = "",
     ) -> None:
         self.reports.append((stage, fraction, frames_done, frames_total))
+        self.messages.append(message)
 
 
 def test_a_share_maps_the_sub_step_onto_its_part_of_the_parent() -> None:
@@ -34,6 +37,13 @@ def test_a_share_maps_the_sub_step_onto_its_part_of_the_parent() -> None:
         ("decoding", pytest.approx(0.9), None, None),
         ("decoding", 1.0, None, None),
     ]
+
+
+def test_a_share_passes_the_message_on() -> None:
+    parent = Recorder()
+    share_of(share_of(parent, 0.0, 0.5), 0.5, 1.0)("training", 0.5, 3, 10, message="loss 1.0")
+    assert parent.reports == [("training", pytest.approx(0.375), 3, 10)]
+    assert parent.messages == ["loss 1.0"]
 
 
 def test_shares_nest() -> None:

@@ -46,6 +46,7 @@ def test_generate_defaults_and_normalised_tags() -> None:
         "cfg_scale": 1.5,
         "seed": 7,
         "format": "flac",
+        "adapter_id": None,
     }
 
 

@@ -51,6 +51,7 @@ RULES_BEYOND_THE_SCHEMA = {
     "webhook_url",  # a public http(s) URL, once the tenant has a signing secret
     "url",  # the same, for the tenant's default endpoint
     "items",  # batch items (items[i].field) are submit bodies, each checked like one
+    "params.warmup_steps",  # a fine-tune's warmup is shorter than its steps
 }
 SEEDED_JOB = "5eeded00000000000000000000000000"
 ARTIFACTS = {

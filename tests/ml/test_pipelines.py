@@ -40,7 +40,11 @@ def _song(
     reports: list[Report] = []
 
     def progress(
-        stage: str, fraction: float, done: int | None = None, total: int | None = None
+        stage: str,
+        fraction: float,
+        done: int | None = None,
+        total: int | None = None,
+        message: str = "",
     ) -> None:
         reports.append((stage, fraction, done, total))
 
@@ -72,7 +76,9 @@ def test_an_abort_while_generating_raises_aborted(
     def abort_after_two() -> bool:
         return len(frames) >= 2
 
-    def progress(stage: str, fraction: float, done: int | None = None, *_: object) -> None:
+    def progress(
+        stage: str, fraction: float, done: int | None = None, *_: object, **__: object
+    ) -> None:
         if stage == "generating" and done:
             frames.append(done)
 
@@ -85,7 +91,7 @@ def test_an_abort_while_decoding_raises_the_same_aborted(
 ) -> None:
     decoding = threading.Event()
 
-    def progress(stage: str, *_: object) -> None:
+    def progress(stage: str, *_: object, **__: object) -> None:
         if stage == "decoding":
             decoding.set()
 
@@ -100,7 +106,7 @@ def test_an_abort_while_waiting_for_the_codec_raises_aborted(
     busy.acquire()  # another job is decoding
     generated = threading.Event()
 
-    def progress(stage: str, fraction: float, *_: object) -> None:
+    def progress(stage: str, fraction: float, *_: object, **__: object) -> None:
         if stage == "generating" and fraction >= GENERATE_SHARE:
             generated.set()
 

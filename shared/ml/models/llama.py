@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,18 @@ class Attention(nn.Module):
         )
         return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
 
+    def forward_causal(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Training: attend x [B, S, D] causally over itself, no cache (positions 0..S-1)."""
+        b, s, _ = x.shape
+        hd = self.spec.head_dim
+        q = apply_rotary(self.q_proj(x).view(b, s, self.spec.num_heads, hd), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(b, s, self.spec.num_kv_heads, hd), cos, sin)
+        v = self.v_proj(x).view(b, s, self.spec.num_kv_heads, hd)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )
+        return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
+
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
@@ -179,6 +192,10 @@ class TransformerLayer(nn.Module):
         kv_len: int,
     ) -> torch.Tensor:
         x = x + self.attn(self.sa_norm(x), cos, sin, positions, cache, rows, kv_len)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def forward_causal(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn.forward_causal(self.sa_norm(x), cos, sin)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -222,4 +239,20 @@ class Transformer(nn.Module):
         cos, sin = self._rope_cos[positions], self._rope_sin[positions]
         for layer, cache in zip(self.layers, self.caches, strict=True):
             x = layer(x, cos, sin, positions, cache, rows, kv_len)
+        return self.norm(x)
+
+    def forward_causal(self, x: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+        """Training (teacher forcing): x [B, S, D] at positions 0..S-1, causal, no cache.
+        With `checkpointing`, each layer's activations are recomputed in the backward pass
+        (memory of one layer instead of all: what lets the 3B train on a 24 GB GPU)."""
+        angles = torch.outer(
+            torch.arange(x.shape[1], dtype=torch.float64, device=x.device),
+            llama3_inv_freq(self.spec).to(x.device),
+        )
+        cos, sin = angles.cos().float().unsqueeze(0), angles.sin().float().unsqueeze(0)
+        for layer in self.layers:
+            if checkpointing:
+                x = checkpoint(layer.forward_causal, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer.forward_causal(x, cos, sin)
         return self.norm(x)
