@@ -20,7 +20,9 @@ from celery import signals
 
 from shared.core.config import Settings
 from shared.core.jobs import JobStore, UploadStore
-from shared.core.queueing import TASK_NAME, enqueue, make_celery
+from shared.core.queueing import TASK_NAME, enqueue, make_celery, wake
+from shared.core.quotas import default_quotas
+from shared.core.scheduler import FairScheduler
 from shared.core.storage import store_from_settings
 from workers.background import Background
 from workers.models import WorkerModels
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 settings = Settings.from_env()
 app = make_celery(settings)
 app.conf.worker_pool = "threads"  # the default here; `--pool prefork` is refused below
+LEGACY_TASK_NAME = "heartcluster.run_job"  # a job id per message, sent before the scheduler
 
 _runner: JobRunner | None = None
 _runner_lock = threading.Lock()
@@ -46,13 +49,16 @@ def runner() -> JobRunner:
                 socket_timeout=settings.redis_timeout_s,
                 socket_connect_timeout=settings.redis_timeout_s,
             )
+            scheduler = FairScheduler(client, default_quotas(settings))
             _runner = JobRunner(
                 settings,
                 JobStore(client),
                 store_from_settings(settings),
                 WorkerModels(settings),
                 UploadStore(client),
-                enqueue=lambda job: enqueue(app, job),
+                enqueue=lambda job: enqueue(app, scheduler, job),
+                scheduler=scheduler,
+                wake=lambda queue: wake(app, queue),
             )
         return _runner
 
@@ -98,8 +104,15 @@ def _stop_engine(**_: Any) -> None:
 
 
 @app.task(name=TASK_NAME)
+def run_next(queue: str) -> None:
+    """A wake-up for `queue` (the gateway sends it by this task's name, never importing it):
+    run the fair scheduler's next job."""
+    runner().run_next(queue)
+
+
+@app.task(name=LEGACY_TASK_NAME)
 def run_job(job_id: str) -> None:
-    """Run one job by id (the gateway enqueues by this task's name, never importing it)."""
+    """A message of the version before the fair scheduler, still queued after an upgrade."""
     runner().run(job_id)
 
 
@@ -113,7 +126,15 @@ def _start_background(**_: Any) -> None:
     global _background
     client = redis.Redis.from_url(settings.redis_url)
     store = store_from_settings(settings)
-    _background = Background(settings, client, store, lambda job: enqueue(app, job)).start()
+    scheduler = FairScheduler(client, default_quotas(settings))
+    _background = Background(
+        settings,
+        client,
+        store,
+        lambda job: enqueue(app, scheduler, job),
+        scheduler,
+        lambda queue: wake(app, queue),
+    ).start()
 
 
 @signals.worker_shutdown.connect

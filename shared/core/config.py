@@ -73,6 +73,15 @@ class Settings:
     background_poll_s: float = 1.0  # workers look for finished jobs and due deliveries
     retention_days: float = 0.0  # finished jobs, uploads and batches older go; 0 keeps all
     retention_sweep_s: float = 3600.0
+    # each tenant's quotas unless the operator set its own (`heartcluster tenants set`); 0 is
+    # unlimited (shared/core/quotas.py)
+    tenant_weight: float = 1.0
+    tenant_max_running: int = 0
+    tenant_max_queued: int = 0
+    tenant_audio_seconds_per_day: float = 0.0
+    tenant_finetune_gpu_seconds_per_day: float = 0.0
+    tenant_storage_bytes: int = 0
+    tenant_submits_per_minute: float = 0.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -144,6 +153,27 @@ class Settings:
             retention_sweep_s=reader.get(
                 "RETENTION_SWEEP_S", cls.retention_sweep_s, _positive(float)
             ),
+            tenant_weight=reader.get("TENANT_WEIGHT", cls.tenant_weight, _at_least_one),
+            tenant_max_running=reader.get(
+                "TENANT_MAX_RUNNING", cls.tenant_max_running, _non_negative_int
+            ),
+            tenant_max_queued=reader.get(
+                "TENANT_MAX_QUEUED", cls.tenant_max_queued, _non_negative_int
+            ),
+            tenant_audio_seconds_per_day=reader.get(
+                "TENANT_AUDIO_SECONDS_PER_DAY", cls.tenant_audio_seconds_per_day, _non_negative
+            ),
+            tenant_finetune_gpu_seconds_per_day=reader.get(
+                "TENANT_FINETUNE_GPU_SECONDS_PER_DAY",
+                cls.tenant_finetune_gpu_seconds_per_day,
+                _non_negative,
+            ),
+            tenant_storage_bytes=reader.get(
+                "TENANT_STORAGE_BYTES", cls.tenant_storage_bytes, _non_negative_int
+            ),
+            tenant_submits_per_minute=reader.get(
+                "TENANT_SUBMITS_PER_MINUTE", cls.tenant_submits_per_minute, _non_negative
+            ),
         )
         if settings.lease_s < LEASE_HEARTBEATS * settings.heartbeat_s:
             raise SettingsError(
@@ -209,6 +239,23 @@ def _non_negative(value: str) -> float:
     number = float(value)
     if not number >= 0:
         raise ValueError("expected a number >= 0")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError("expected a whole number >= 0") from None
+    if number < 0:
+        raise ValueError("expected a whole number >= 0")
+    return number
+
+
+def _at_least_one(value: str) -> float:
+    number = float(value)
+    if not number >= 1:
+        raise ValueError("expected a number >= 1")
     return number
 
 

@@ -16,6 +16,8 @@ import redis
 from shared.core.config import Settings
 from shared.core.jobs import Job, JobStore, UploadStore, job_key
 from shared.core.progress import Aborted
+from shared.core.quotas import Quotas
+from shared.core.scheduler import FairScheduler
 from shared.core.storage import LocalStore, artifact_key
 from workers.handlers import HANDLERS, Output
 from workers.lease import LeaseKeeper
@@ -43,6 +45,8 @@ def runner(
         SimpleNamespace(model_version="test", tiny=True),  # no pipeline here loads a model
         UploadStore(redis_client),
         enqueue=sent.append,
+        scheduler=FairScheduler(redis_client, Quotas()),
+        wake=lambda queue: None,
         worker="w1",
     )
     runner.sent = sent  # type: ignore[attr-defined]
