@@ -114,7 +114,8 @@ def test_a_newcomer_starts_before_a_backlog_drains(cluster: FaultCluster, worker
     # the newcomer waited for at most one job per slot, and the backlog was far from drained
     assert len(after_submit) <= SLOTS, [j.started_at for j in after_submit]
     assert len(ahead) < 100
-    cancel_all(cluster, big, items)
+    assert post(cluster, big, f"/v1/batches/{reply.json()['id']}/cancel", {}).ok
+    cluster.wait_terminal(items, TIMEOUT_S)
 
 
 def test_weights_split_the_slots(cluster: FaultCluster) -> None:
