@@ -173,6 +173,18 @@ def wake_idle_queues(
     return sent
 
 
+def push_adrift(scheduler: FairScheduler, jobs: JobStore, send: Callable[[Job], None]) -> int:
+    """Queued jobs in no pending set (their requeue or hand-back died before the push) go back
+    into the scheduler; pushing is idempotent, so racing the normal path is harmless."""
+    pushed = 0
+    for job_id in scheduler.adrift():
+        job = jobs.get(job_id)
+        if job is not None and job.state == "queued":
+            send(job)
+            pushed += 1
+    return pushed
+
+
 class Background:
     """The daemon threads of one worker process; `stop()` ends them. `send` queues a job,
     `wake` sends a wake-up to a queue."""
@@ -192,6 +204,7 @@ class Background:
         self.send = send
         self.scheduler = scheduler
         self.wake = wake
+        self._next_adrift_sweep = 0.0
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.hooks = WebhookStore(client)
         self.jobs = JobStore(client)
@@ -225,6 +238,9 @@ class Background:
 
     def _wake_idle_queues(self) -> None:
         wake_idle_queues(self.scheduler, self.client, self.wake)
+        if time.monotonic() >= self._next_adrift_sweep:  # a full scan: once a lease period
+            self._next_adrift_sweep = time.monotonic() + self.settings.lease_s
+            push_adrift(self.scheduler, self.jobs, self.send)
 
     def _sweep(self) -> None:
         emit_events(self.hooks, self.jobs, self.batches)

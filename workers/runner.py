@@ -369,19 +369,21 @@ class JobRunner:
     def _send(self, job: Job) -> None:
         try:
             self._store(lambda: self.enqueue(job))
-        except Exception:  # noqa: BLE001 (the broker redelivers the old message eventually)
-            log.exception("job %s: could not send its message again", job.id)
+        except Exception:  # noqa: BLE001 (every worker's sweep pushes jobs left adrift)
+            log.exception("job %s: could not put it back in the scheduler", job.id)
 
     def _on_reaped(self, outcome: str, job: Job) -> None:
-        """A lost worker's job: requeued (send its message again) or ended (clean up)."""
+        """A lost worker's job: requeued (back into the scheduler) or ended (clean up); either
+        way its tenant's slot is free."""
         if outcome == "requeued":
             try:  # no long retry here: this runs on the heartbeat thread, which must keep beating
                 self.enqueue(job)
-            except Exception:  # noqa: BLE001 (the broker redelivers the old message eventually)
-                log.exception("job %s: could not send its message again", job.id)
-            return
-        self._delete_artifacts(job)
-        self._release_dependents(job.id)
+            except Exception:  # noqa: BLE001 (every worker's sweep pushes jobs left adrift)
+                log.exception("job %s: could not put it back in the scheduler", job.id)
+        else:
+            self._delete_artifacts(job)
+            self._release_dependents(job.id)
+        self._slot_freed(job)
 
     def _write_artifacts(
         self, job: Job, declared: tuple[str, ...], output: Output

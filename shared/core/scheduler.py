@@ -39,6 +39,7 @@ from shared.core.jobs import (
     _text,
     job_key,
     new_id,
+    tenant_queued_key,
 )
 from shared.core.jobtypes import QUEUES, job_type
 from shared.core.quotas import QUOTAS_PREFIX, Quotas
@@ -165,6 +166,20 @@ return 0
 """
 )
 
+# KEYS: a tenant's queued set, pending-at index. ARGV: job key prefix. The queued jobs that are
+# in no pending set and wait for no other job: requeued or handed back by a process that died
+# before it pushed them, or batch items not sent yet.
+_ADRIFT = """
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('HEXISTS', KEYS[2], id) == 0
+      and redis.call('HGET', ARGV[1] .. id, 'stage') ~= '"waiting"' then
+    table.insert(out, id)
+  end
+end
+return out
+"""
+
 # KEYS: parked counter per queue. Returns the indexes (1-based) of those that were above 0,
 # each now one less: a wake-up to send again on each.
 _UNPARK = """
@@ -198,6 +213,7 @@ class FairScheduler:
         self._next = redis_client.register_script(_NEXT)
         self._startable = redis_client.register_script(_STARTABLE)
         self._unpark = redis_client.register_script(_UNPARK)
+        self._adrift = redis_client.register_script(_ADRIFT)
 
     def push(self, job: Job) -> bool:
         """Put a queued job in its tenant's pending set; False when it is not queued (cancelled
@@ -252,6 +268,15 @@ class FairScheduler:
         each to be sent one again."""
         indexes = self._unpark(keys=[parked_key(queue) for queue in QUEUES])
         return [QUEUES[int(i) - 1] for i in indexes]
+
+    def adrift(self) -> list[str]:
+        """Queued jobs of any tenant that nothing would start: to be pushed again."""
+        found: list[str] = []
+        for key in self.redis.scan_iter(match=tenant_queued_key("*"), count=1000):
+            found += [
+                _text(i) for i in self._adrift(keys=[key, PENDING_AT_KEY], args=[job_key("")])
+            ]
+        return found
 
     def pending(self, queue: str, tenant: str) -> dict[str, list[str]]:
         """The tenant's pending job ids of `queue` per priority, in the order they would run."""

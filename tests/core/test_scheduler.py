@@ -142,3 +142,14 @@ def test_queues_are_scheduled_apart(jobs, scheduler) -> None:
     assert scheduler.next("cpu", "w1", 30, 3).job.id == encode.id
     assert scheduler.next("cpu", "w1", 30, 3).outcome == "empty"
     assert scheduler.next("gpu", "w1", 30, 3).job.id == gpu[0]
+
+
+def test_queued_jobs_left_adrift_are_found_and_waiting_ones_are_not(jobs, scheduler) -> None:
+    (pending,) = queue_jobs(jobs, scheduler, "a", 1)
+    adrift = jobs.create(Job.new("a", "generate", PARAMS))  # its push never happened
+    waiting = Job.new("b", "generate", PARAMS)
+    waiting.stage = "waiting"  # on its encode step: pushed only when that succeeds
+    jobs.create(waiting)
+    assert scheduler.adrift() == [adrift.id]
+    assert scheduler.push(adrift) and scheduler.adrift() == []
+    assert pending in scheduler.pending("gpu", "a")["interactive"]
