@@ -12,6 +12,10 @@ names its lease id and is refused once the lease was taken over, so a worker tha
 can never finish it. Expired leases are reaped by any process (one Lua script decides who wins):
 the job goes back to its queue with the attempt counted, or fails at the attempt cap. Records
 without an expiry (written with no lease) keep the older redelivery rules.
+
+The same scripts keep each tenant's queued and running sets exact (the quotas and the fair
+scheduler count them), take a job that stops being queued out of the scheduler's pending set,
+and count the storage and audio seconds a job's end settles (see `_TRACK`).
 """
 
 from __future__ import annotations
