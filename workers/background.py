@@ -26,6 +26,7 @@ from shared.core.batches import BatchStore, batch_out
 from shared.core.config import Settings
 from shared.core.jobs import TERMINAL_STATES, Job, JobStore
 from shared.core.jobtypes import QUEUES
+from shared.core.outage import REDIS_ERRORS
 from shared.core.retention import sweep
 from shared.core.scheduler import FairScheduler
 from shared.core.schemas import job_out
@@ -237,10 +238,13 @@ class Background:
         send_batches(self.batches, self.jobs, self.send, self.name)
 
     def _wake_idle_queues(self) -> None:
-        wake_idle_queues(self.scheduler, self.client, self.wake)
-        if time.monotonic() >= self._next_adrift_sweep:  # a full scan: once a lease period
-            self._next_adrift_sweep = time.monotonic() + self.settings.lease_s
-            push_adrift(self.scheduler, self.jobs, self.send)
+        try:
+            wake_idle_queues(self.scheduler, self.client, self.wake)
+            if time.monotonic() >= self._next_adrift_sweep:  # a full scan: once a lease period
+                self._next_adrift_sweep = time.monotonic() + self.settings.lease_s
+                push_adrift(self.scheduler, self.jobs, self.send)
+        except REDIS_ERRORS:  # Redis away (the job runner says so once): try next round
+            log.debug("wake-ups: Redis away", exc_info=True)
 
     def _sweep(self) -> None:
         emit_events(self.hooks, self.jobs, self.batches)

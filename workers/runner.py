@@ -142,13 +142,15 @@ class JobRunner:
                     self.usage.add_gpu_seconds(job.tenant, ended.finished_at - ended.started_at)
             for queue in self.scheduler.unpark():
                 self.wake(queue)
-        except Exception:  # noqa: BLE001 (each worker's heartbeat sends missing wake-ups)
+        except REDIS_ERRORS as error:  # Redis away: said once; the safety net wakes queues later
+            self.outage.failed(error)
+        except Exception:  # noqa: BLE001 (each worker's safety net sends missing wake-ups)
             log.exception("job %s: after-run bookkeeping failed", job.id)
 
     def _send_wake(self, queue: str) -> None:
         try:
             self._store(lambda: self.wake(queue))
-        except Exception:  # noqa: BLE001 (each worker's heartbeat sends missing wake-ups)
+        except Exception:  # noqa: BLE001 (each worker's safety net sends missing wake-ups)
             log.exception("could not pass a wake-up for queue %s on", queue)
 
     def stop(self, grace_s: float) -> None:
