@@ -238,13 +238,10 @@ class Background:
         send_batches(self.batches, self.jobs, self.send, self.name)
 
     def _wake_idle_queues(self) -> None:
-        try:
-            wake_idle_queues(self.scheduler, self.client, self.wake)
-            if time.monotonic() >= self._next_adrift_sweep:  # a full scan: once a lease period
-                self._next_adrift_sweep = time.monotonic() + self.settings.lease_s
-                push_adrift(self.scheduler, self.jobs, self.send)
-        except REDIS_ERRORS:  # Redis away (the job runner says so once): try next round
-            log.debug("wake-ups: Redis away", exc_info=True)
+        wake_idle_queues(self.scheduler, self.client, self.wake)
+        if time.monotonic() >= self._next_adrift_sweep:  # a full scan: once a lease period
+            self._next_adrift_sweep = time.monotonic() + self.settings.lease_s
+            push_adrift(self.scheduler, self.jobs, self.send)
 
     def _sweep(self) -> None:
         emit_events(self.hooks, self.jobs, self.batches)
@@ -254,6 +251,8 @@ class Background:
         while not self._stop.is_set():
             try:
                 step()
-            except Exception:  # noqa: BLE001 (Redis or a receiver hiccup: try again next round)
+            except REDIS_ERRORS:  # the job runner logs the outage once: try again next round
+                log.debug("background step %s: Redis away", step.__name__, exc_info=True)
+            except Exception:  # noqa: BLE001 (a receiver hiccup: try again next round)
                 log.exception("background step %s failed", step.__name__)
             self._stop.wait(self.settings.background_poll_s)
