@@ -201,9 +201,9 @@ def bench_cancel(bench: Bench, runs: int) -> None:
 
 def bench_fairness(bench: Bench, backlog: int, small_jobs: int) -> None:
     """Tenant "big" queues `backlog` cheap jobs in one batch; while they drain, tenant "small"
-    submits one job every 0.25 s. Queue-to-start of both: the small tenant's must stay near the
-    idle figure (a free slot goes to it within about one job), the big tenant's is its wait in
-    its own backlog."""
+    submits `small_jobs` one after another (the next once the last finished, like a user).
+    Queue-to-start of both: the small tenant's stays within about one job's run time (the next
+    free slot goes to it), the big tenant's is its wait in its own backlog."""
     tenants = TenantStore(bench.redis)
     sessions = {}
     for name in ("big", "small"):
@@ -223,7 +223,13 @@ def bench_fairness(bench: Bench, backlog: int, small_jobs: int) -> None:
         )
         job.raise_for_status()
         small_ids.append(job.json()["id"])
-        time.sleep(0.25)
+        while (
+            sessions["small"]
+            .get(f"{bench.url}/v1/jobs/{small_ids[-1]}", timeout=30)
+            .json()["state"]
+            not in TERMINAL
+        ):
+            time.sleep(0.05)
     while sessions["big"].get(batch_url, timeout=30).json()["state"] != "completed":
         time.sleep(0.5)
     results = sessions["big"].get(f"{batch_url}/results", timeout=120).text.splitlines()
