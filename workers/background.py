@@ -1,11 +1,13 @@
 """What every worker process does beside its jobs: queue the jobs of new batches, turn
-finished jobs and batches into webhook events, deliver due webhooks, run the retention sweep.
+finished jobs and batches into webhook events, deliver due webhooks, run the retention sweep,
+wake queues whose wake-ups were lost.
 
 Each step is coordinated through Redis (shared/core/batches.py, webhooks.py, retention.py) and
 safe to run in any number of processes at once, so there is no separate kind of worker to
-deploy: three daemon threads per worker process, so that a slow receiver delays only
-deliveries and a 10,000-item batch only other batches. Celery-free: `workers.celery_app` starts
-them with its `enqueue`.
+deploy: four daemon threads per worker process, so that a slow receiver delays only
+deliveries and a 10,000-item batch only other batches; the fourth is the fair scheduler's
+safety net (a queue with startable jobs and no wake-up gets one). Celery-free:
+`workers.celery_app` starts them with its `enqueue` and `wake`.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import requests
 from shared.core.batches import BatchStore, batch_out
 from shared.core.config import Settings
 from shared.core.jobs import TERMINAL_STATES, Job, JobStore
+from shared.core.jobtypes import QUEUES
 from shared.core.outage import REDIS_ERRORS, Outage
 from shared.core.retention import sweep
+from shared.core.scheduler import FairScheduler
 from shared.core.schemas import job_out
 from shared.core.storage import ObjectStore
 from shared.core.webhooks import (
@@ -155,8 +159,36 @@ def deliver_due(hooks: WebhookStore, settings: Settings) -> int:
     return attempts
 
 
+def wake_idle_queues(
+    scheduler: FairScheduler, client: redis.Redis, wake: Callable[[str], None]
+) -> int:
+    """The fair scheduler's safety net: a queue with a job that may start now and no wake-up
+    waiting in its Celery list gets one (a wake-up lost with a worker, or a parked one whose
+    re-send was lost). Every worker does it; at most one extra wake-up per queue and round
+    each. Returns how many were sent."""
+    sent = 0
+    for queue in QUEUES:
+        if client.llen(queue) == 0 and scheduler.startable(queue):
+            wake(queue)
+            sent += 1
+    return sent
+
+
+def push_adrift(scheduler: FairScheduler, jobs: JobStore, send: Callable[[Job], None]) -> int:
+    """Queued jobs in no pending set (their requeue or hand-back died before the push) go back
+    into the scheduler; pushing is idempotent, so racing the normal path is harmless."""
+    pushed = 0
+    for job_id in scheduler.adrift():
+        job = jobs.get(job_id)
+        if job is not None and job.state == "queued":
+            send(job)
+            pushed += 1
+    return pushed
+
+
 class Background:
-    """The daemon threads of one worker process; `stop()` ends them. `send` queues a job."""
+    """The daemon threads of one worker process; `stop()` ends them. `send` queues a job,
+    `wake` sends a wake-up to a queue."""
 
     def __init__(
         self,
@@ -164,6 +196,8 @@ class Background:
         client: redis.Redis,
         store: ObjectStore,
         send: Callable[[Job], None],
+        scheduler: FairScheduler,
+        wake: Callable[[str], None],
         outage: Outage,
     ) -> None:
         self.settings = settings
@@ -171,6 +205,9 @@ class Background:
         self.client = client
         self.store = store
         self.send = send
+        self.scheduler = scheduler
+        self.wake = wake
+        self._next_adrift_sweep = 0.0
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.hooks = WebhookStore(client)
         self.jobs = JobStore(client)
@@ -181,6 +218,7 @@ class Background:
             for name, step in (
                 ("webhook-delivery", self._deliver),
                 ("batch-sender", self._send_batches),
+                ("wake-ups", self._wake_idle_queues),
                 ("sweeps", self._sweep),
             )
         ]
@@ -200,6 +238,12 @@ class Background:
 
     def _send_batches(self) -> None:
         send_batches(self.batches, self.jobs, self.send, self.name)
+
+    def _wake_idle_queues(self) -> None:
+        wake_idle_queues(self.scheduler, self.client, self.wake)
+        if time.monotonic() >= self._next_adrift_sweep:  # a full scan: once a lease period
+            self._next_adrift_sweep = time.monotonic() + self.settings.lease_s
+            push_adrift(self.scheduler, self.jobs, self.send)
 
     def _sweep(self) -> None:
         emit_events(self.hooks, self.jobs, self.batches)

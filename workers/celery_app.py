@@ -21,7 +21,9 @@ from celery import signals
 
 from shared.core.config import Settings
 from shared.core.jobs import JobStore, UploadStore
-from shared.core.queueing import TASK_NAME, enqueue, make_celery
+from shared.core.queueing import TASK_NAME, enqueue, make_celery, wake
+from shared.core.quotas import default_quotas
+from shared.core.scheduler import FairScheduler
 from shared.core.storage import store_from_settings
 from workers import metrics
 from workers.background import Background
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 settings = Settings.from_env()
 app = make_celery(settings)
 app.conf.worker_pool = "threads"  # the default here; `--pool prefork` is refused below
+LEGACY_TASK_NAME = "heartcluster.run_job"  # a job id per message, sent before the scheduler
 
 _runner: JobRunner | None = None
 _runner_lock = threading.Lock()
@@ -54,13 +57,16 @@ def runner() -> JobRunner:
     with _runner_lock:
         if _runner is None:
             client = _redis_client()
+            scheduler = FairScheduler(client, default_quotas(settings))
             _runner = JobRunner(
                 settings,
                 JobStore(client),
                 store_from_settings(settings),
                 WorkerModels(settings),
                 UploadStore(client),
-                enqueue=lambda job: enqueue(app, job),
+                enqueue=lambda job: enqueue(app, scheduler, job),
+                scheduler=scheduler,
+                wake=lambda queue: wake(app, queue),
             )
         return _runner
 
@@ -107,8 +113,15 @@ def _stop_engine(**_: Any) -> None:
 
 
 @app.task(name=TASK_NAME)
+def run_next(queue: str) -> None:
+    """A wake-up for `queue` (the gateway sends it by this task's name, never importing it):
+    run the fair scheduler's next job."""
+    runner().run_next(queue)
+
+
+@app.task(name=LEGACY_TASK_NAME)
 def run_job(job_id: str) -> None:
-    """Run one job by id (the gateway enqueues by this task's name, never importing it)."""
+    """A message of the version before the fair scheduler, still queued after an upgrade."""
     runner().run(job_id)
 
 
@@ -123,8 +136,15 @@ def _start_background(**_: Any) -> None:
     when Redis goes away and comes back, whichever thread notices)."""
     global _background
     jobs = runner()
+    scheduler = FairScheduler(_redis_client(), default_quotas(settings))
     _background = Background(
-        settings, _redis_client(), jobs.objects, lambda job: enqueue(app, job), jobs.outage
+        settings,
+        _redis_client(),
+        jobs.objects,
+        lambda job: enqueue(app, scheduler, job),
+        scheduler,
+        lambda queue: wake(app, queue),
+        jobs.outage,
     ).start()
 
 

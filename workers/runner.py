@@ -1,8 +1,9 @@
 """One job through its states: load, start, run its type's handler, write artifacts, finish.
 
-Celery-free (the task in workers.celery_app is one line over `JobRunner.run`), so the lifecycle
-rules live in one place: a job runs only under a lease (a cancelled or terminal job, or one
-another worker holds, never runs; one whose worker was lost too often fails with
+Celery-free (the tasks in workers.celery_app are one line over `JobRunner.run_next`), so the
+lifecycle rules live in one place: which queued job a freed slot runs is the fair scheduler's
+choice, made and started in one step; a job runs only under a lease (a cancelled or terminal
+job, or one another worker holds, never runs; one whose worker was lost too often fails with
 `too_many_attempts`); artifacts are written only after the pipeline succeeded, right after
 renewing the lease (metadata.json last, as the completeness marker) and under the job's own keys
 (a rerun overwrites them with the same content); every final state change is fenced by the lease
@@ -30,6 +31,8 @@ from shared.core.jobs import Job, JobStore, Lease, UploadStore, new_id
 from shared.core.jobtypes import JOB_TYPES, parse_params
 from shared.core.outage import REDIS_ERRORS, Outage
 from shared.core.progress import Aborted, share_of
+from shared.core.quotas import QuotaStore
+from shared.core.scheduler import FairScheduler, Picked
 from shared.core.schemas import AUDIO_ARTIFACTS, invalid_request
 from shared.core.storage import METADATA, ObjectStore, artifact_key, content_type_for, job_prefix
 from shared.core.tokens import InputError
@@ -76,10 +79,15 @@ class JobRunner:
         models: WorkerModels,
         uploads: UploadStore,
         enqueue: Callable[[Job], None],
+        scheduler: FairScheduler,
+        wake: Callable[[str], None],
         worker: str | None = None,
     ) -> None:
         self.settings = settings
-        self.enqueue = enqueue  # sends a job's message (a waiting, requeued or handed-back job)
+        self.enqueue = enqueue  # a queued job into the scheduler (waiting, requeued, handed back)
+        self.scheduler = scheduler
+        self.wake = wake  # sends one wake-up to a queue
+        self.usage = QuotaStore(scheduler.redis, scheduler.defaults)
         self.jobs = jobs
         self.objects = objects
         self.models = models
@@ -94,10 +102,57 @@ class JobRunner:
     # ----- lifecycle --------------------------------------------------------------------------
 
     def run(self, job_id: str) -> None:
+        """Run one named job (a message sent before the fair scheduler, or a test)."""
         try:
             self._run(job_id)
         finally:
             self._store(lambda: self._release_dependents(job_id))
+
+    def run_next(self, queue: str) -> None:
+        """A wake-up for `queue`: run the job the fair scheduler picks for this free slot."""
+        if self._stopping.is_set():  # leave it to another worker
+            self._send_wake(queue)
+            return
+        picked: Picked = self._store(
+            lambda: self.scheduler.next(
+                queue, self.worker, self.settings.lease_s, self.settings.max_attempts
+            )
+        )
+        for ended in picked.ended:  # cancelled or out of attempts instead of running
+            if ended.state == "failed":
+                self._delete_artifacts(ended)
+            self._store(lambda ended=ended: self._release_dependents(ended.id))
+        if picked.job is None or picked.lease is None:
+            return
+        job, lease = picked.job, picked.lease
+        lost = self.leases.hold(lease)
+        try:
+            self._run_started(job, lease, lost)
+        finally:
+            self.leases.release(lease)
+            self._store(lambda: self._release_dependents(job.id))
+            self._slot_freed(job)
+
+    def _slot_freed(self, job: Job) -> None:
+        """A run ended: a train-queue job's time counts as fine-tune GPU-seconds, and wake-ups
+        parked while its tenant (or any) was at its running limit go out again."""
+        try:
+            if JOB_TYPES[job.type].queue == "train":
+                ended = self.jobs.get(job.id)
+                if ended is not None and ended.started_at and ended.finished_at:
+                    self.usage.add_gpu_seconds(job.tenant, ended.finished_at - ended.started_at)
+            for queue in self.scheduler.unpark():
+                self.wake(queue)
+        except REDIS_ERRORS as error:  # Redis away: said once; the safety net wakes queues later
+            self.outage.failed(error)
+        except Exception:  # noqa: BLE001 (each worker's safety net sends missing wake-ups)
+            log.exception("job %s: after-run bookkeeping failed", job.id)
+
+    def _send_wake(self, queue: str) -> None:
+        try:
+            self._store(lambda: self.wake(queue))
+        except Exception:  # noqa: BLE001 (each worker's safety net sends missing wake-ups)
+            log.exception("could not pass a wake-up for queue %s on", queue)
 
     def stop(self, grace_s: float) -> None:
         """Take no new job; after `grace_s`, running jobs stop and go back to the queue."""
@@ -219,7 +274,7 @@ class JobRunner:
                 ):
                     reason = reason or "lease_lost"
                     raise Aborted("aborted before uploading")
-                names = self._write_artifacts(job, entry.artifact_names(params), output)
+                names, size = self._write_artifacts(job, entry.artifact_names(params), output)
                 progress("uploading", 1.0)
         except Aborted:
             self._aborted(job, lease, reason)
@@ -247,7 +302,7 @@ class JobRunner:
         # Never deletes the artifacts: a succeed that cannot reach Redis is retried, and past
         # that the lease expires and the job runs again, overwriting them.
         done = self._settle(
-            job, lease, "succeeded", lambda: self.jobs.succeed(job.id, names, lease.lease_id)
+            job, lease, "succeeded", lambda: self.jobs.succeed(job.id, names, lease.lease_id, size)
         )
         if done:
             if any(name in AUDIO_ARTIFACTS for name in output.files):
@@ -335,23 +390,28 @@ class JobRunner:
     def _send(self, job: Job) -> None:
         try:
             self._store(lambda: self.enqueue(job))
-        except Exception:  # noqa: BLE001 (the broker redelivers the old message eventually)
-            log.exception("job %s: could not send its message again", job.id)
+        except Exception:  # noqa: BLE001 (every worker's sweep pushes jobs left adrift)
+            log.exception("job %s: could not put it back in the scheduler", job.id)
 
     def _on_reaped(self, outcome: str, job: Job) -> None:
-        """A lost worker's job: requeued (send its message again) or ended (clean up)."""
+        """A lost worker's job: requeued (back into the scheduler) or ended (clean up); either
+        way its tenant's slot is free."""
         if outcome == "requeued":
             try:  # no long retry here: this runs on the heartbeat thread, which must keep beating
                 self.enqueue(job)
-            except Exception:  # noqa: BLE001 (the broker redelivers the old message eventually)
-                log.exception("job %s: could not send its message again", job.id)
-            return
-        self._delete_artifacts(job)
-        self._release_dependents(job.id)
+            except Exception:  # noqa: BLE001 (every worker's sweep pushes jobs left adrift)
+                log.exception("job %s: could not put it back in the scheduler", job.id)
+        else:
+            self._delete_artifacts(job)
+            self._release_dependents(job.id)
+        self._slot_freed(job)
 
-    def _write_artifacts(self, job: Job, declared: tuple[str, ...], output: Output) -> list[str]:
+    def _write_artifacts(
+        self, job: Job, declared: tuple[str, ...], output: Output
+    ) -> tuple[list[str], int]:
         """Every file, then metadata.json: a job without metadata is incomplete. The files must
-        be the ones its registry entry declares (clients and downloads rely on those names)."""
+        be the ones its registry entry declares (clients and downloads rely on those names).
+        Returns their names and total bytes (the tenant's storage)."""
         if {*output.files, METADATA} != set(declared):
             raise RuntimeError(f"{job.type} wrote {sorted(output.files)}, declared {declared}")
         for name, data in output.files.items():
@@ -368,7 +428,8 @@ class JobRunner:
         self.objects.put_bytes(
             artifact_key(job.tenant, job.id, METADATA), payload, content_type_for(METADATA)
         )
-        return [*output.files, METADATA]
+        size = len(payload) + sum(len(data) for data in output.files.values())
+        return [*output.files, METADATA], size
 
     def _delete_artifacts(self, job: Job) -> None:
         try:

@@ -65,6 +65,7 @@ def create_app(
     from api.gateway.routes.health import bp as health_bp
     from api.gateway.routes.jobs import bp as jobs_bp
     from api.gateway.routes.uploads import bp as uploads_bp
+    from api.gateway.routes.usage import bp as usage_bp
     from api.gateway.routes.web import bp as web_bp
     from api.gateway.routes.webhooks import bp as webhooks_bp
 
@@ -99,6 +100,7 @@ def create_app(
         batches_bp,
         datasets_bp,
         webhooks_bp,
+        usage_bp,
         web_bp,
         docs_bp,
     ):

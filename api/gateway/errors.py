@@ -42,6 +42,7 @@ class ApiError(Exception):
         self.message = message
         self.field = field
         self.extra: dict[str, object] = {}
+        self.headers: dict[str, str] = {}  # e.g. Retry-After of a 429
 
 
 def code_for(status: int) -> str:
@@ -65,7 +66,11 @@ def error_response(
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(error: ApiError) -> Response:
-        return error_response(error.status, error.code, error.message, error.field, **error.extra)
+        response = error_response(
+            error.status, error.code, error.message, error.field, **error.extra
+        )
+        response.headers.update(error.headers)
+        return response
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> Response:

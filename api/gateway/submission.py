@@ -1,8 +1,8 @@
-"""One job from a submit body to the queue: validate (`prepare`), then record and enqueue
-(`launch`).
+"""One job from a submit body to the queue: validate (`prepare`), check the tenant's quotas
+(`admit`), then record and enqueue (`launch`).
 
-The submit route and every batch item take these same two steps, so a batch item is exactly a
-job submitted alone; a batch prepares all its items before it launches any.
+The submit route and every batch item take these same steps, so a batch item is exactly a job
+submitted alone; a batch prepares and admits all its items before it records any.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from flask import g, request
 
 from api.gateway.app import services
 from api.gateway.errors import ApiError
+from api.gateway.tenancy import over_quota, tenancy
 from shared.core.inputs import InputNotFound, SourceUpload
 from shared.core.jobs import Job
 from shared.core.jobtypes import JobType, parse_submit
 from shared.core.queueing import enqueue
+from shared.core.quotas import QuotaExceeded, audio_seconds
 from shared.core.schemas import InvalidRequest, Params, SubmitRequest
 from shared.core.tokens import InputError
 from shared.core.webhooks import TargetRefused, WebhookStore, check_target, job_subject
@@ -103,14 +105,40 @@ def webhook_target(tenant: str, url: str | None, field: str) -> str | None:
     return url
 
 
-def record(prepared: Prepared, tenant: str, key: str | None) -> tuple[Job, Job | None]:
-    """Record the job (state queued) and any first step: (the job, the one to queue now), or
-    (the first job, None) when this tenant already used the idempotency key."""
+def admit(tenant: str, items: list[Prepared]) -> None:
+    """One submit from the tenant's rate limit, then room in its quotas for every item; a 429
+    naming the quota (with Retry-After where waiting helps) if not."""
+    quotas = tenancy().quotas
+    limits = quotas.get(tenant)
+    try:
+        quotas.take_submit(tenant, limits)
+        quotas.admit(
+            tenant,
+            limits,
+            jobs=sum(1 + (item.first_step is not None) for item in items),
+            audio_s=sum(audio_seconds(item.params.model_dump()) for item in items),
+            train_jobs=sum(item.entry.queue == "train" for item in items),
+        )
+    except QuotaExceeded as error:
+        raise over_quota(error) from None
+
+
+def record(
+    prepared: Prepared, tenant: str, key: str | None, priority: str = "interactive"
+) -> tuple[Job, Job | None]:
+    """Record the job (state queued, at its own priority or `priority`) and any first step:
+    (the job, the one to queue now), or (the first job, None) when this tenant already used the
+    idempotency key. The job's audio seconds count against today's quota from here on."""
     svc = services()
     submission, params, first_step = prepared.submission, prepared.params, prepared.first_step
     parent = prepared.parent
+    priority = submission.priority or priority
     job = Job.new(
-        tenant, submission.type, params.model_dump(), parent_job_id=parent.id if parent else None
+        tenant,
+        submission.type,
+        params.model_dump(),
+        parent_job_id=parent.id if parent else None,
+        priority=priority,
     )
     if first_step is not None:
         job.stage = "waiting"
@@ -128,23 +156,26 @@ def record(prepared: Prepared, tenant: str, key: str | None) -> tuple[Job, Job |
                     "idempotency_key",
                 )
             return job, None
+    tenancy().quotas.reserve_audio(tenant, job.id, audio_seconds(job.params))
     if prepared.webhook_url is not None:  # before it is queued: its end cannot be missed
         WebhookStore(svc.redis).watch(job_subject(job.id), prepared.webhook_url)
     if first_step is not None:
+        first_step.priority = priority
         svc.jobs.create(first_step)
         svc.jobs.add_dependent(first_step.id, job.id)
     return job, first_step or job
 
 
 def launch(prepared: Prepared, tenant: str, key: str | None) -> tuple[Job, bool]:
-    """Record and enqueue the job: (the job, True); with an idempotency key this tenant already
-    used, (that first job, False) and nothing enqueued."""
+    """Admit, record and enqueue the job: (the job, True); with an idempotency key this tenant
+    already used, (that first job, False) and nothing enqueued."""
     svc = services()
+    admit(tenant, [prepared])
     job, to_queue = record(prepared, tenant, key)
     if to_queue is None:
         return job, False
     try:
-        enqueue(svc.celery, to_queue)
+        enqueue(svc.celery, tenancy().scheduler, to_queue)
     except Exception as error:  # broker unreachable: the job must not sit queued forever
         for unqueued in {to_queue.id, job.id}:
             svc.jobs.fail(unqueued, "enqueue_failed", f"could not queue the job: {error}")

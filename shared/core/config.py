@@ -82,6 +82,15 @@ class Settings:
     max_dataset_items: int = 1000
     max_dataset_item_seconds: float = 1200.0
     max_dataset_seconds: float = 200 * 3600.0
+    # each tenant's quotas unless the operator set its own (`heartcluster tenants set`); 0 is
+    # unlimited (shared/core/quotas.py)
+    tenant_weight: float = 1.0
+    tenant_max_running: int = 0
+    tenant_max_queued: int = 0
+    tenant_audio_seconds_per_day: float = 0.0
+    tenant_finetune_gpu_seconds_per_day: float = 0.0
+    tenant_storage_bytes: int = 0
+    tenant_submits_per_minute: float = 0.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -166,6 +175,27 @@ class Settings:
             retention_sweep_s=reader.get(
                 "RETENTION_SWEEP_S", cls.retention_sweep_s, _positive(float)
             ),
+            tenant_weight=reader.get("TENANT_WEIGHT", cls.tenant_weight, _at_least_one),
+            tenant_max_running=reader.get(
+                "TENANT_MAX_RUNNING", cls.tenant_max_running, _non_negative_int
+            ),
+            tenant_max_queued=reader.get(
+                "TENANT_MAX_QUEUED", cls.tenant_max_queued, _non_negative_int
+            ),
+            tenant_audio_seconds_per_day=reader.get(
+                "TENANT_AUDIO_SECONDS_PER_DAY", cls.tenant_audio_seconds_per_day, _non_negative
+            ),
+            tenant_finetune_gpu_seconds_per_day=reader.get(
+                "TENANT_FINETUNE_GPU_SECONDS_PER_DAY",
+                cls.tenant_finetune_gpu_seconds_per_day,
+                _non_negative,
+            ),
+            tenant_storage_bytes=reader.get(
+                "TENANT_STORAGE_BYTES", cls.tenant_storage_bytes, _non_negative_int
+            ),
+            tenant_submits_per_minute=reader.get(
+                "TENANT_SUBMITS_PER_MINUTE", cls.tenant_submits_per_minute, _non_negative
+            ),
         )
         if settings.lease_s < LEASE_HEARTBEATS * settings.heartbeat_s:
             raise SettingsError(
@@ -238,6 +268,23 @@ def _port(value: str) -> int:
     number = int(value)
     if not 0 <= number <= 65535:
         raise ValueError("expected a TCP port, 0-65535 (0: off)")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError("expected a whole number >= 0") from None
+    if number < 0:
+        raise ValueError("expected a whole number >= 0")
+    return number
+
+
+def _at_least_one(value: str) -> float:
+    number = float(value)
+    if not number >= 1:
+        raise ValueError("expected a number >= 1")
     return number
 
 

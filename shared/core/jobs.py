@@ -12,6 +12,10 @@ names its lease id and is refused once the lease was taken over, so a worker tha
 can never finish it. Expired leases are reaped by any process (one Lua script decides who wins):
 the job goes back to its queue with the attempt counted, or fails at the attempt cap. Records
 without an expiry (written with no lease) keep the older redelivery rules.
+
+The same scripts keep each tenant's queued and running sets exact (the quotas and the fair
+scheduler count them), take a job that stops being queued out of the scheduler's pending set,
+and count the storage and audio seconds a job's end settles (see `_TRACK`).
 """
 
 from __future__ import annotations
@@ -53,6 +57,27 @@ def dependents_key(job_id: str) -> str:
 
 
 LEASES_KEY = "job-leases"  # sorted set: job id -> lease expiry (Redis server time)
+# Where a queued job waits in the fair scheduler (shared/core/scheduler.py): job id -> the key of
+# its pending set. A job that leaves `queued` leaves its pending set in the same script.
+PENDING_AT_KEY = "sched-pending-at"
+# Audio seconds reserved at submit (shared/core/quotas.py): job id -> "day key|seconds",
+# given back when the job ends failed or cancelled.
+RESERVED_AUDIO_KEY = "usage-audio-reserved"
+PRIORITIES = ("interactive", "batch")  # the scheduler serves a tenant's interactive jobs first
+
+
+def tenant_queued_key(tenant: str) -> str:
+    """The tenant's queued job ids; kept exact by every script that changes a state."""
+    return f"tenant-queued:{tenant}"
+
+
+def tenant_running_key(tenant: str) -> str:
+    return f"tenant-running:{tenant}"
+
+
+def storage_key(tenant: str) -> str:
+    """Bytes the tenant stores: its uploads and its succeeded jobs' artifacts."""
+    return f"usage-storage:{tenant}"
 
 
 def upload_record_key(upload_id: str) -> str:
@@ -88,6 +113,8 @@ class Job:
     error: dict[str, str] | None = None
     artifacts: list[str] = field(default_factory=list)
     parent_job_id: str | None = None
+    priority: str = "interactive"  # one of PRIORITIES
+    artifact_bytes: int = 0  # what its artifacts take in the object store (storage quota)
     cancel_requested: bool = False
     worker: str | None = None  # the worker holding the lease while it runs
     lease_id: str | None = None  # fencing token of the current run
@@ -95,10 +122,20 @@ class Job:
 
     @classmethod
     def new(
-        cls, tenant: str, type: str, params: dict[str, Any], parent_job_id: str | None = None
+        cls,
+        tenant: str,
+        type: str,
+        params: dict[str, Any],
+        parent_job_id: str | None = None,
+        priority: str = "interactive",
     ) -> Job:
         return cls(
-            id=new_id(), tenant=tenant, type=type, params=params, parent_job_id=parent_job_id
+            id=new_id(),
+            tenant=tenant,
+            type=type,
+            params=params,
+            parent_job_id=parent_job_id,
+            priority=priority,
         )
 
     @property
@@ -118,7 +155,53 @@ class Job:
 # Each hash field holds the JSON of one Job field, so types survive the round trip and states
 # compare as their JSON text ('"queued"') inside the scripts.
 
-_CREATE = """
+# Every script that changes a state ends with track(): the tenant's queued and running sets
+# follow the job's state (so quotas count exactly, whatever dies when), a job that is no longer
+# queued leaves the scheduler's pending set, and on the step into a final state the storage its
+# artifacts take is counted (succeeded) or its reserved audio seconds are given back.
+_TRACK = f"""
+local function track(key, id, before)
+  local tenant = cjson.decode(redis.call('HGET', key, 'tenant'))
+  local state = redis.call('HGET', key, 'state')
+  local queued, running = 'tenant-queued:' .. tenant, 'tenant-running:' .. tenant
+  if state == '"queued"' then
+    redis.call('SADD', queued, id)
+    redis.call('SREM', running, id)
+  else
+    redis.call('SREM', queued, id)
+    local pending = redis.call('HGET', '{PENDING_AT_KEY}', id)
+    if pending then
+      redis.call('ZREM', pending, id)
+      redis.call('HDEL', '{PENDING_AT_KEY}', id)
+    end
+    if state == '"running"' then
+      redis.call('SADD', running, id)
+    else
+      redis.call('SREM', running, id)
+    end
+  end
+  if state == before then return end
+  if state == '"succeeded"' then
+    local bytes = tonumber(redis.call('HGET', key, 'artifact_bytes') or '0')
+    if bytes > 0 then redis.call('INCRBY', 'usage-storage:' .. tenant, bytes) end
+    redis.call('HDEL', '{RESERVED_AUDIO_KEY}', id)
+  elseif state == '"failed"' or state == '"cancelled"' then
+    local reserved = redis.call('HGET', '{RESERVED_AUDIO_KEY}', id)
+    if reserved then
+      local sep = string.find(reserved, '|', 1, true)
+      local day, seconds = string.sub(reserved, 1, sep - 1), string.sub(reserved, sep + 1)
+      if redis.call('EXISTS', day) == 1 then
+        redis.call('INCRBYFLOAT', day, '-' .. seconds)
+      end
+      redis.call('HDEL', '{RESERVED_AUDIO_KEY}', id)
+    end
+  end
+end
+"""
+
+_CREATE = (
+    _TRACK
+    + """
 if KEYS[3] then
   local existing = redis.call('GET', KEYS[3])
   if existing then return existing end
@@ -129,12 +212,16 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+track(KEYS[1], ARGV[1], nil)
 return ARGV[1]
 """
+)
 
 # Shared by the scripts below. Times are Redis server time (one clock for every process); hash
 # fields hold JSON, so strings are written quoted and numbers as text.
-_LUA_PRELUDE = """
+LUA_PRELUDE = (
+    _TRACK
+    + """
 local function now()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -149,60 +236,69 @@ end
 -- was cancelled meanwhile or used up its attempts; nil means it may run (again).
 local function settle(key, leases, id, t, max_attempts)
   if redis.call('HGET', key, 'cancel_requested') == 'true' then
+    local before = redis.call('HGET', key, 'state')
     redis.call('HSET', key, 'state', '"cancelled"', 'finished_at', fmt(t), 'stage', '"cancelled"')
     redis.call('ZREM', leases, id)
+    track(key, id, before)
     return 'cancelled'
   end
   local attempts = tonumber(redis.call('HGET', key, 'attempts'))
   if max_attempts > 0 and attempts >= max_attempts then
     local message = 'gave up after ' .. attempts .. ' attempts (HEARTCLUSTER_MAX_ATTEMPTS=' ..
       max_attempts .. '); the worker running it was lost each time'
+    local before = redis.call('HGET', key, 'state')
     redis.call('HSET', key, 'state', '"failed"', 'finished_at', fmt(t), 'stage', '"failed"',
       'message', cjson.encode(message),
       'error', cjson.encode({code = 'too_many_attempts', message = message}))
     redis.call('ZREM', leases, id)
+    track(key, id, before)
     return 'too_many_attempts'
   end
   return nil
 end
+-- Take a job under a new lease (see JobStore.acquire): {outcome, HGETALL}, false when missing.
+local function acquire(key, leases, id, worker, lease_id, lease_s, max_attempts)
+  if redis.call('EXISTS', key) == 0 then return false end
+  local t = now()
+  local state = redis.call('HGET', key, 'state')
+  local e = expiry(key)
+  if state == '"running"' and e ~= nil and e > t then
+    return {'busy', redis.call('HGETALL', key)}
+  end
+  if state ~= '"queued"' and state ~= '"running"' then
+    return {'terminal', redis.call('HGETALL', key)}
+  end
+  local settled = settle(key, leases, id, t, max_attempts)
+  if settled then return {settled, redis.call('HGETALL', key)} end
+  redis.call('HINCRBY', key, 'attempts', 1)
+  local expires = 'null'
+  if lease_s > 0 then
+    expires = fmt(t + lease_s)
+    redis.call('ZADD', leases, t + lease_s, id)
+  else
+    redis.call('ZREM', leases, id)
+  end
+  redis.call('HSET', key, 'state', '"running"', 'started_at', fmt(t), 'stage', '"starting"',
+    'progress', '0.0', 'worker', worker, 'lease_id', lease_id, 'lease_expires_at', expires)
+  track(key, id, state)
+  return {'started', redis.call('HGETALL', key)}
+end
 """
+)
 
 # KEYS: job, leases. ARGV: job id, worker (JSON), lease id (JSON), lease seconds (0: no lease),
 # attempt cap (0: none). Returns false when missing, else {outcome, HGETALL}.
 _ACQUIRE = (
-    _LUA_PRELUDE
+    LUA_PRELUDE
     + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local t = now()
-local state = redis.call('HGET', KEYS[1], 'state')
-local e = expiry(KEYS[1])
-if state == '"running"' and e ~= nil and e > t then
-  return {'busy', redis.call('HGETALL', KEYS[1])}
-end
-if state ~= '"queued"' and state ~= '"running"' then
-  return {'terminal', redis.call('HGETALL', KEYS[1])}
-end
-local settled = settle(KEYS[1], KEYS[2], ARGV[1], t, tonumber(ARGV[5]))
-if settled then return {settled, redis.call('HGETALL', KEYS[1])} end
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-local lease_s = tonumber(ARGV[4])
-local expires = 'null'
-if lease_s > 0 then
-  expires = fmt(t + lease_s)
-  redis.call('ZADD', KEYS[2], t + lease_s, ARGV[1])
-else
-  redis.call('ZREM', KEYS[2], ARGV[1])
-end
-redis.call('HSET', KEYS[1], 'state', '"running"', 'started_at', fmt(t), 'stage', '"starting"',
-  'progress', '0.0', 'worker', ARGV[2], 'lease_id', ARGV[3], 'lease_expires_at', expires)
-return {'started', redis.call('HGETALL', KEYS[1])}
+return acquire(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
 """
 )
 
 # KEYS: leases, then one job key per lease. ARGV: lease seconds, then (job id, lease id JSON)
 # per job. Extends every lease still held; returns the ids of the jobs whose lease is gone.
 _RENEW = (
-    _LUA_PRELUDE
+    LUA_PRELUDE
     + """
 local t = now()
 local until_t = t + tonumber(ARGV[1])
@@ -225,7 +321,7 @@ return lost
 # lease expired goes back to the queue (or ends: cancelled, too_many_attempts). Returns
 # {outcome, HGETALL} per job; concurrent reapers never both take one job.
 _REAP = (
-    _LUA_PRELUDE
+    LUA_PRELUDE
     + """
 local t = now()
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t, 'LIMIT', 0, tonumber(ARGV[2]))
@@ -245,6 +341,7 @@ for _, id in ipairs(due) do
         'message', '"its worker stopped renewing the lease; back in the queue"',
         'worker', 'null', 'lease_id', 'null', 'lease_expires_at', 'null')
       redis.call('ZREM', KEYS[1], id)
+      track(key, id, '"running"')
     end
     table.insert(out, {outcome, redis.call('HGETALL', key)})
   end
@@ -256,7 +353,7 @@ return out
 # KEYS: job, leases. ARGV: job id. Queued, or running with an expired lease (its worker is
 # gone): cancelled now. Running under a live lease: flagged for its worker.
 _CANCEL = (
-    _LUA_PRELUDE
+    LUA_PRELUDE
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local t = now()
@@ -266,6 +363,7 @@ if state == '"queued"' or (state == '"running"' and e ~= nil and e <= t) then
   redis.call('HSET', KEYS[1], 'state', '"cancelled"', 'finished_at', fmt(t),
     'stage', '"cancelled"', 'cancel_requested', 'true')
   redis.call('ZREM', KEYS[2], ARGV[1])
+  track(KEYS[1], ARGV[1], state)
   return {'cancelled', redis.call('HGETALL', KEYS[1])}
 end
 if state == '"running"' then
@@ -280,7 +378,9 @@ return {'unchanged', redis.call('HGETALL', KEYS[1])}
 # delta, lease id (JSON; '' for no fencing), field/value pairs. A fenced change applies only
 # while that lease holds the job. Returns false when the job is missing, else {applied (0/1),
 # HGETALL after the change}.
-_TRANSITION = """
+_TRANSITION = (
+    _TRACK
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local n = tonumber(ARGV[2])
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -297,8 +397,10 @@ if #ARGV > n + 5 then redis.call('HSET', KEYS[1], unpack(ARGV, n + 6)) end
 if redis.call('HGET', KEYS[1], 'state') ~= '"running"' then
   redis.call('ZREM', KEYS[2], ARGV[1])
 end
+track(KEYS[1], ARGV[1], state)
 return {1, redis.call('HGETALL', KEYS[1])}
 """
+)
 
 # What acquire() found.
 STARTED = "started"  # the caller holds the lease and runs the job
@@ -316,13 +418,18 @@ class Lease:
     worker: str
 
 
-# KEYS: job, tenant index, dependents. ARGV: id, terminal states. Checked and removed in one step,
-# so a job that is still queued or running can never lose its record.
+# KEYS: job, tenant index, dependents, tenant storage. ARGV: id, terminal states. Checked and
+# removed in one step (a succeeded job's artifacts leave the tenant's storage), so a job that
+# is still queued or running can never lose its record.
 _DELETE = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return -1 end
 for i = 2, #ARGV do
   if ARGV[i] == state then
+    local bytes = tonumber(redis.call('HGET', KEYS[1], 'artifact_bytes') or '0')
+    if state == '"succeeded"' and bytes > 0 then
+      redis.call('DECRBY', KEYS[4], bytes)
+    end
     redis.call('DEL', KEYS[1], KEYS[3])
     redis.call('ZREM', KEYS[2], ARGV[1])
     return 1
@@ -431,7 +538,12 @@ class JobStore:
         if job is None:
             return None
         deleted = self._delete(
-            keys=[job_key(job_id), tenant_jobs_key(job.tenant), dependents_key(job_id)],
+            keys=[
+                job_key(job_id),
+                tenant_jobs_key(job.tenant),
+                dependents_key(job_id),
+                storage_key(job.tenant),
+            ],
             args=[job_id, *(json.dumps(s) for s in sorted(TERMINAL_STATES))],
         )
         return None if deleted < 0 else bool(deleted)
@@ -612,9 +724,16 @@ class JobStore:
             values["frames_total"] = frames_total
         self._apply(job_id, ("running",), values, event="progress")
 
-    def succeed(self, job_id: str, artifacts: list[str], lease_id: str | None = None) -> Job | None:
-        """Running → succeeded with its artifact names; None if the job was not running (or,
-        given a lease id, no longer held under it)."""
+    def succeed(
+        self,
+        job_id: str,
+        artifacts: list[str],
+        lease_id: str | None = None,
+        artifact_bytes: int = 0,
+    ) -> Job | None:
+        """Running → succeeded with its artifact names and the bytes they take (counted in the
+        tenant's storage); None if the job was not running (or, given a lease id, no longer held
+        under it)."""
         job, applied = self._apply(
             job_id,
             ("running",),
@@ -624,6 +743,7 @@ class JobStore:
                 "progress": 100.0,
                 "stage": "done",
                 "artifacts": list(artifacts),
+                "artifact_bytes": artifact_bytes,
             },
             lease_id=lease_id,
         )
@@ -793,7 +913,10 @@ class UploadStore:
     def create(self, upload: Upload) -> Upload:
         if not self._redis.set(upload_record_key(upload.id), json.dumps(upload.to_dict()), nx=True):
             raise ValueError(f"upload {upload.id} already exists")
-        self._redis.zadd(tenant_uploads_key(upload.tenant), {upload.id: upload.created_at})
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.zadd(tenant_uploads_key(upload.tenant), {upload.id: upload.created_at})
+        pipe.incrby(storage_key(upload.tenant), upload.bytes)
+        pipe.execute()
         return upload
 
     def list(
@@ -830,11 +953,14 @@ class UploadStore:
                 return page, None
 
     def delete(self, upload: Upload) -> None:
-        """The record and its index entry (the caller deletes the file)."""
+        """The record and its index entry (the caller deletes the file); its bytes leave the
+        tenant's storage once, however many callers race."""
         pipe = self._redis.pipeline(transaction=True)
         pipe.delete(upload_record_key(upload.id))
         pipe.zrem(tenant_uploads_key(upload.tenant), upload.id)
-        pipe.execute()
+        deleted, _ = pipe.execute()
+        if deleted:
+            self._redis.decrby(storage_key(upload.tenant), upload.bytes)
 
     def get(self, upload_id: str) -> Upload | None:
         raw = self._redis.get(upload_record_key(upload_id))

@@ -1,7 +1,9 @@
 """Celery wiring shared by the gateway (which sends) and the workers (which consume).
 
-The gateway never imports workers/: it sends one task, by name, carrying only the job id, to
-the queue for the job's type. Job state lives in the job store, not in Celery results. No torch.
+A message carries no job: it is a wake-up for a queue ("a job may be ready"), sent when a job
+enters the fair scheduler (shared/core/scheduler.py); the worker thread that takes it asks the
+scheduler which job to run. The gateway never imports workers/: it sends the task by name.
+Job state lives in the job store, not in Celery results. No torch.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from kombu import Exchange, Queue
 
 from shared.core.broker import TRANSPORT
 from shared.core.config import Settings
-from shared.core.jobs import Job
+from shared.core.jobs import Job, new_id
 from shared.core.jobtypes import QUEUES, job_type
+from shared.core.scheduler import FairScheduler
 
-TASK_NAME = "heartcluster.run_job"
+TASK_NAME = "heartcluster.run_next"
 # Redis redelivers a message that was delivered but not acknowledged after the visibility
 # timeout. Leases make a redelivery harmless (the runner drops a message of a job that another
 # worker holds or that has ended), so the timeout can be short: it only brings back messages
@@ -74,16 +77,16 @@ def make_celery(settings: Settings, main: str = "heartcluster") -> Celery:
     return app
 
 
-def enqueue(celery_app: Celery, job: Job) -> None:
-    """Send the job's id to the queue of its type; the Celery task id is the job id."""
-    queue = job_type(job.type).queue
-    celery_app.send_task(TASK_NAME, args=[job.id], task_id=job.id, queue=queue)
+def wake(celery_app: Celery, queue: str) -> None:
+    """Send one wake-up to `queue`: a worker slot that takes it runs the scheduler's choice."""
+    celery_app.send_task(TASK_NAME, args=[queue], task_id=new_id(), queue=queue)
 
 
-def revoke(celery_app: Celery, job_ids: str | list[str]) -> None:
-    """Tell workers to drop queued jobs' messages (the job store's state is what counts); a
-    list goes out as one broadcast."""
-    celery_app.control.revoke(job_ids)
+def enqueue(celery_app: Celery, scheduler: FairScheduler, job: Job) -> None:
+    """Put a queued job in the fair scheduler and wake its queue (nothing when the job is no
+    longer queued, e.g. cancelled before a batch sender got to it)."""
+    if scheduler.push(job):
+        wake(celery_app, job_type(job.type).queue)
 
 
 def consumed_queues(celery_app: Celery, timeout_s: float = 1.0) -> dict[str, bool]:

@@ -442,6 +442,11 @@ class SubmitRequest(BaseModel):
         description="Resubmitting with the same key returns the first job instead of a new one "
         "(the Idempotency-Key header does the same).",
     )
+    priority: Literal["interactive", "batch"] | None = Field(
+        None,
+        description="Within the tenant, interactive jobs start before batch jobs. Default: "
+        "`interactive` for a single submit, `batch` for a batch item.",
+    )
     webhook_url: str | None = Field(
         None,
         min_length=1,
@@ -510,6 +515,7 @@ class JobOut(BaseModel):
     error: JobError | None
     artifacts: list[str] = Field(description="Names for GET /v1/jobs/{id}/artifacts/{name}.")
     parent_job_id: str | None
+    priority: Literal["interactive", "batch"]
     cancel_requested: bool
     created_at: float = Field(description="Unix seconds")
     started_at: float | None
@@ -587,3 +593,24 @@ def job_out(job: Job | dict[str, Any]) -> dict[str, Any]:
 def upload_out(upload: Upload) -> dict[str, Any]:
     data = upload.to_dict()
     return {name: data.get(name) for name in UploadOut.model_fields}
+
+
+class Usage(BaseModel):
+    """One quota: what the tenant uses now against its limit (null: unlimited)."""
+
+    used: float
+    limit: float | None
+
+
+class UsageOut(BaseModel):
+    """GET /v1/usage: the tenant's usage against its quotas (days are UTC days)."""
+
+    weight: float = Field(description="Its share of a contended queue, relative to others'")
+    running: Usage
+    queued: Usage
+    audio_seconds_today: Usage
+    finetune_gpu_seconds_today: Usage
+    storage_bytes: Usage
+    submits_per_minute: Usage = Field(
+        description="`used`: submits the token bucket holds back now (0 when it is full)"
+    )

@@ -1,7 +1,9 @@
-"""Cluster benchmark on loopback: gateway submit throughput, queue-to-start latency, cancel latency.
+"""Cluster benchmark on loopback: submit throughput, queue-to-start latency, cancel latency, and
+queue-to-start of a small tenant's jobs while another tenant's backlog drains (fair sharing).
 
     .venv/bin/python tests/bench/bench_cluster.py [--submits 500] [--clients 8] [--latency-jobs 40]
         [--sse-streams 200]
+        [--backlog 1000] [--small-jobs 30]
 
 Starts its own redis-server (free port), writes tiny models, runs one GPU-queue worker (on the
 CPU without a GPU) and the gateway as subprocesses with the same commands `heartcluster up`
@@ -11,6 +13,7 @@ uses. Not collected by pytest (no test_ prefix).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -228,6 +231,57 @@ def bench_cancel(bench: Bench, runs: int) -> None:
     )
 
 
+def bench_fairness(bench: Bench, backlog: int, small_jobs: int) -> None:
+    """Tenant "big" queues `backlog` cheap jobs in one batch; while they drain, tenant "small"
+    submits `small_jobs` one after another (the next once the last finished, like a user).
+    Queue-to-start of both: the small tenant's stays within about one job's run time (the next
+    free slot goes to it), the big tenant's is its wait in its own backlog."""
+    tenants = TenantStore(bench.redis)
+    sessions = {}
+    for name in ("big", "small"):
+        sessions[name] = requests.Session()
+        sessions[name].headers["Authorization"] = f"Bearer {tenants.create_key(name)}"
+    cheap = {"tags": "piano", "duration_s": 0.08, "cfg_scale": 1.0, "seed": 3}
+    items = [{"type": "generate", "params": cheap} for _ in range(backlog)]
+    reply = sessions["big"].post(f"{bench.url}/v1/batches", json={"items": items}, timeout=120)
+    reply.raise_for_status()
+    batch_url = f"{bench.url}/v1/batches/{reply.json()['id']}"
+    while sessions["big"].get(batch_url, timeout=30).json()["counts"]["queued"] < backlog // 2:
+        time.sleep(0.05)  # wait until most of it is queued
+    small_ids = []
+    for _ in range(small_jobs):
+        job = sessions["small"].post(
+            f"{bench.url}/v1/jobs", json={"type": "generate", "params": cheap}, timeout=30
+        )
+        job.raise_for_status()
+        small_ids.append(job.json()["id"])
+        while (
+            sessions["small"]
+            .get(f"{bench.url}/v1/jobs/{small_ids[-1]}", timeout=30)
+            .json()["state"]
+            not in TERMINAL
+        ):
+            time.sleep(0.05)
+    while sessions["big"].get(batch_url, timeout=30).json()["state"] != "completed":
+        time.sleep(0.5)
+    results = sessions["big"].get(f"{batch_url}/results", timeout=120).text.splitlines()
+    big_ids = [json.loads(line)["job_id"] for line in results]
+    figures = {}
+    for name, ids in (("small", small_ids), ("big", big_ids)):
+        waits = []
+        for job_id in ids:
+            job = sessions[name].get(f"{bench.url}/v1/jobs/{job_id}", timeout=30).json()
+            assert job["state"] == "succeeded", job
+            waits.append(job["started_at"] - job["created_at"])
+        figures[name] = waits
+    for name, waits in figures.items():
+        print(
+            f"fair sharing, tenant {name!r} ({len(waits)} jobs, while {backlog} of 'big' "
+            f"drain): queue-to-start p50 {percentile(waits, 50) * 1000:.0f} ms, "
+            f"p99 {percentile(waits, 99) * 1000:.0f} ms"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--submits", type=int, default=500)
@@ -239,6 +293,8 @@ def main() -> int:
     parser.add_argument(
         "--only-submit", action="store_true", help="skip the worker benchmarks (no models)"
     )
+    parser.add_argument("--backlog", type=int, default=1000)
+    parser.add_argument("--small-jobs", type=int, default=30)
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="hc-bench-"))
@@ -254,6 +310,7 @@ def main() -> int:
         bench.start_worker(concurrency=max(1, args.engine_rows // 2))
         bench_queue_to_start(bench, args.latency_jobs)
         bench_cancel(bench, args.cancel_runs)
+        bench_fairness(bench, args.backlog, args.small_jobs)
     finally:
         bench.close()
         shutil.rmtree(root, ignore_errors=True)

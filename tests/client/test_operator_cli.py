@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from api.client.cli import main
+from shared.core.quotas import Quotas, QuotaStore
 from shared.core.tenants import TenantStore, hash_key
 
 
@@ -30,3 +31,19 @@ def test_retention_is_set_per_tenant(redis_url, redis_client, monkeypatch, capsy
     assert main(["retention", "--tenant", "acme", "--default"]) == 0
     assert TenantStore(redis_client).retention_days("acme") is None
     assert main(["retention", "--tenant", "acme", "--days", "-1"]) == 2
+
+
+def test_tenants_set_and_show_quotas(redis_url, redis_client, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("HEARTCLUSTER_REDIS_URL", redis_url)
+    monkeypatch.setenv("HEARTCLUSTER_TENANT_MAX_QUEUED", "500")
+    assert main(["tenants", "set", "acme", "--weight", "2", "--max-running", "4"]) == 0
+    quotas = QuotaStore(redis_client, Quotas())
+    assert quotas.own("acme") == {"weight": 2.0, "max_running": 4}
+    assert main(["tenants", "show", "acme"]) == 0
+    shown = capsys.readouterr().out
+    assert "max_running" in shown and "500  (default, HEARTCLUSTER_TENANT_MAX_QUEUED)" in shown
+    assert main(["tenants", "set", "acme", "--reset", "max_running"]) == 0
+    assert quotas.own("acme") == {"weight": 2.0}
+    assert main(["tenants", "set", "acme", "--weight", "0.5"]) == 2
+    assert "weight must be at least 1" in capsys.readouterr().err
+    assert main(["tenants", "set", "Bad Name", "--weight", "2"]) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from shared.core.config import Settings
-from shared.core.jobs import Job
+from shared.core.jobs import Job, JobStore
 from shared.core.queueing import (
     TASK_NAME,
     consumed_queues,
@@ -20,6 +21,8 @@ from shared.core.queueing import (
     make_celery,
     visibility_timeout_s,
 )
+from shared.core.quotas import Quotas
+from shared.core.scheduler import FairScheduler
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,22 +59,29 @@ def test_reliability_settings(settings: Settings) -> None:
     assert routes == {("gpu", "gpu", "gpu"), ("cpu", "cpu", "cpu"), ("train", "train", "train")}
 
 
-def test_enqueue_routes_by_type_with_the_job_id(settings: Settings, redis_client) -> None:
+def test_enqueue_schedules_the_job_and_wakes_its_queue(settings: Settings, redis_client) -> None:
     app = make_celery(settings)
-    generate = Job.new("acme", "generate", {})
-    encode = Job.new("acme", "encode", {})
-    enqueue(app, generate)
-    enqueue(app, encode)
+    jobs, scheduler = JobStore(redis_client), FairScheduler(redis_client, Quotas())
+    generate = jobs.create(Job.new("acme", "generate", {}))
+    encode = jobs.create(Job.new("acme", "encode", {}))
+    enqueue(app, scheduler, generate)
+    enqueue(app, scheduler, encode)
     assert redis_client.llen("gpu") == 1 and redis_client.llen("cpu") == 1
     message = json.loads(redis_client.lindex("gpu", 0))
     assert message["headers"]["task"] == TASK_NAME
-    assert message["headers"]["id"] == generate.id
-    assert json.loads(redis_client.lindex("cpu", 0))["headers"]["id"] == encode.id
+    assert json.loads(base64.b64decode(message["body"]))[0] == ["gpu"]  # a queue, not a job
+    assert scheduler.pending("gpu", "acme")["interactive"] == [generate.id]
+    assert scheduler.pending("cpu", "acme")["interactive"] == [encode.id]
+    enqueue(app, scheduler, generate)  # already waiting: no second wake-up
+    jobs.cancel(encode.id)
+    enqueue(app, scheduler, encode)  # no longer queued: nothing
+    assert redis_client.llen("gpu") == 1 and redis_client.llen("cpu") == 1
 
 
 def test_enqueue_rejects_unknown_types(settings: Settings, redis_client) -> None:
+    scheduler = FairScheduler(redis_client, Quotas())
     with pytest.raises(ValueError, match="unknown job type"):
-        enqueue(make_celery(settings), Job.new("acme", "karaoke", {}))
+        enqueue(make_celery(settings), scheduler, Job.new("acme", "karaoke", {}))
     assert redis_client.llen("gpu") == 0
 
 

@@ -13,6 +13,8 @@ import pytest
 from api.gateway import create_app
 from shared.core.config import Settings
 from shared.core.jobs import Job, JobStore
+from shared.core.quotas import Quotas
+from shared.core.scheduler import FairScheduler
 from shared.core.storage import LocalStore, artifact_key
 from shared.core.tenants import TenantStore
 from tests.gateway.test_gateway import wav_bytes
@@ -107,9 +109,10 @@ def test_a_dataset_of_songs_and_uploads_shows_each_items_state_and_totals(
     states = [item["state"] for item in created["items"]]
     assert states == ["ready", "encoding", "ready"]
     encode_id = created["items"][1]["encode_job_id"]
-    assert celery.sent == [
-        {"name": celery.sent[0]["name"], "args": [encode_id], "task_id": encode_id, "queue": "cpu"}
-    ]
+    # the encode job waits in the fair scheduler; its queue gets one wake-up
+    assert [(sent["args"], sent["queue"]) for sent in celery.sent] == [(["cpu"], "cpu")]
+    pending = FairScheduler(jobs.redis, Quotas()).pending("cpu", "acme")
+    assert pending == {"interactive": [encode_id], "batch": []}
     assert jobs.get(encode_id).params == {"upload_id": audio}
     totals = created["totals"]
     assert totals["items"] == 3 and totals["ready"] == 2 and totals["encoding"] == 1

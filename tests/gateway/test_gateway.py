@@ -3,6 +3,7 @@ worker is involved (and once with the real Celery app, checking the broker queue
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import subprocess
@@ -27,6 +28,8 @@ from shared.core.config import Settings
 from shared.core.constants import CODEC_CODES
 from shared.core.jobs import JobStore
 from shared.core.queueing import QUEUES, TASK_NAME
+from shared.core.quotas import Quotas
+from shared.core.scheduler import FairScheduler
 from shared.core.storage import LocalStore, S3Store, artifact_key
 from shared.core.tenants import TenantStore
 from tests.support.fakes import RecordingCelery
@@ -81,6 +84,11 @@ def jobs(redis_client) -> JobStore:
     return JobStore(redis_client)
 
 
+@pytest.fixture
+def scheduler(redis_client) -> FairScheduler:
+    return FairScheduler(redis_client, Quotas())
+
+
 def generate_body(**params: Any) -> dict[str, Any]:
     return {"type": "generate", "params": {"tags": "piano,happy", "seed": 7, **params}}
 
@@ -122,7 +130,9 @@ def finish(jobs: JobStore, store, tenant: str, job_id: str, files: dict[str, byt
 # -- submit, get, list, cancel ----------------------------------------------------------------
 
 
-def test_submit_records_and_enqueues(client, keys, celery: RecordingCelery, jobs) -> None:
+def test_submit_records_and_enqueues(
+    client, keys, celery: RecordingCelery, jobs, scheduler
+) -> None:
     reply = submit(client, keys["acme"])
     assert reply.status_code == 202
     job = reply.get_json()
@@ -138,9 +148,10 @@ def test_submit_records_and_enqueues(client, keys, celery: RecordingCelery, jobs
     assert job["params"]["tags"] == "piano,happy" and job["params"]["top_k"] == 50
     assert "tenant" not in job
     assert reply.headers["Location"] == f"/v1/jobs/{job['id']}"
-    assert celery.sent == [
-        {"name": TASK_NAME, "args": [job["id"]], "task_id": job["id"], "queue": "gpu"}
-    ]
+    assert job["priority"] == "interactive"
+    (sent,) = celery.sent  # a wake-up for its queue; the job waits in the fair scheduler
+    assert (sent["name"], sent["args"], sent["queue"]) == (TASK_NAME, ["gpu"], "gpu")
+    assert scheduler.pending("gpu", "acme") == {"interactive": [job["id"]], "batch": []}
     assert jobs.get(job["id"]).tenant == "acme"
     got = client.get(f"/v1/jobs/{job['id']}", headers=keys["acme"])
     assert got.status_code == 200 and got.get_json() == job
@@ -183,11 +194,12 @@ def test_list_rejects_bad_queries(client, keys, query: str, field: str) -> None:
     assert reply.get_json()["error"]["field"] == field
 
 
-def test_cancel_queued_job(client, keys, celery: RecordingCelery, jobs) -> None:
+def test_cancel_queued_job(client, keys, jobs, scheduler) -> None:
     job_id = submit(client, keys["acme"]).get_json()["id"]
     reply = client.post(f"/v1/jobs/{job_id}/cancel", headers=keys["acme"])
     assert reply.status_code == 200 and reply.get_json()["state"] == "cancelled"
-    assert celery.revoked == [job_id]
+    assert scheduler.pending("gpu", "acme") == {"interactive": [], "batch": []}
+    assert scheduler.next("gpu", "w1", 30, 3).outcome == "empty"
     assert jobs.start(job_id) is None  # a worker that still receives it never runs it
     again = client.post(f"/v1/jobs/{job_id}/cancel", headers=keys["acme"])
     assert again.status_code == 200 and again.get_json()["state"] == "cancelled"
@@ -356,7 +368,9 @@ def test_real_celery_enqueues_only_valid_jobs(
     job_id = submit(client, keys["acme"]).get_json()["id"]
     assert redis_client.llen("gpu") == 1
     message = json.loads(redis_client.lindex("gpu", 0))
-    assert message["headers"]["task"] == TASK_NAME and message["headers"]["id"] == job_id
+    assert message["headers"]["task"] == TASK_NAME
+    assert json.loads(base64.b64decode(message["body"]))[0] == ["gpu"]
+    assert FairScheduler(redis_client, Quotas()).next("gpu", "w", 30, 3).job.id == job_id
 
 
 # -- idempotency ------------------------------------------------------------------------------

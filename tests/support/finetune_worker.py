@@ -10,6 +10,8 @@ import redis
 
 from shared.core.config import Settings
 from shared.core.jobs import JobStore, UploadStore
+from shared.core.quotas import Quotas
+from shared.core.scheduler import FairScheduler
 from shared.core.storage import store_from_settings
 from workers.models import WorkerModels
 from workers.runner import JobRunner
@@ -25,6 +27,8 @@ def main(job_id: str) -> None:
         WorkerModels(settings),
         UploadStore(client),
         enqueue=lambda job: None,
+        scheduler=FairScheduler(client, Quotas()),
+        wake=lambda queue: None,
         worker="doomed",
     )
     runner.run(job_id)

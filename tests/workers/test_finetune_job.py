@@ -24,6 +24,8 @@ from safetensors.torch import load as load_safetensors
 from shared.core.config import Settings
 from shared.core.datasets import DatasetItem, DatasetStore, new_dataset
 from shared.core.jobs import LEASES_KEY, Job, JobStore, Upload, UploadStore, job_key, new_id
+from shared.core.quotas import Quotas
+from shared.core.scheduler import FairScheduler
 from shared.core.storage import LocalStore, artifact_key, job_prefix, upload_key
 from tests.ml.finetune_support import TAG, pattern_song
 from workers.handlers import CHECKPOINT
@@ -69,6 +71,8 @@ def runner(env: dict[str, str], redis_client: redis.Redis) -> Iterator[JobRunner
         WorkerModels(settings),
         UploadStore(redis_client),
         enqueue=lambda job: None,
+        scheduler=FairScheduler(redis_client, Quotas()),
+        wake=lambda queue: None,
         worker="survivor",
     )
     yield runner

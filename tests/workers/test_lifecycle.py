@@ -16,6 +16,8 @@ import redis
 from shared.core.config import Settings
 from shared.core.jobs import Job, JobStore, UploadStore, job_key
 from shared.core.progress import Aborted
+from shared.core.quotas import Quotas, QuotaStore
+from shared.core.scheduler import FairScheduler
 from shared.core.storage import LocalStore, artifact_key
 from workers.handlers import HANDLERS, Output
 from workers.lease import LeaseKeeper
@@ -43,6 +45,8 @@ def runner(
         SimpleNamespace(model_version="test", tiny=True),  # no pipeline here loads a model
         UploadStore(redis_client),
         enqueue=sent.append,
+        scheduler=FairScheduler(redis_client, Quotas()),
+        wake=lambda queue: None,
         worker="w1",
     )
     runner.sent = sent  # type: ignore[attr-defined]
@@ -163,3 +167,31 @@ def test_an_idle_worker_reaps_a_lost_workers_job(redis_client: redis.Redis) -> N
     keeper.close()
     assert reaped == [("requeued", job.id)]
     assert jobs.get(job.id).state == "queued"
+
+
+def test_run_next_runs_the_schedulers_choice_and_resends_a_parked_wake_up(
+    runner: JobRunner, redis_client
+) -> None:
+    woken: list[str] = []
+    runner.wake = woken.append
+    QuotaStore(redis_client, Quotas()).set("acme", {"max_running": 1})
+    first, second = (_submit(runner, lambda *_: _output()) for _ in range(2))
+    for job in (first, second):
+        assert runner.scheduler.push(job)
+
+    def blocked_meanwhile(job: Job, progress: object, should_abort: Callable[[], bool]) -> Output:
+        # another slot's wake-up while this one runs: the tenant is at its limit
+        assert runner.scheduler.next("gpu", "w2", 30, 3).outcome == "blocked"
+        return _output()
+
+    runner.stand_in = blocked_meanwhile  # type: ignore[attr-defined]
+    runner.run_next("gpu")
+    assert runner.jobs.get(first.id).state == "succeeded"
+    assert woken == ["gpu"]  # its slot freed: the parked wake-up goes out again
+    runner.stand_in = lambda *_: _output()  # type: ignore[attr-defined]
+    runner.run_next("gpu")
+    assert runner.jobs.get(second.id).state == "succeeded"
+    runner.run_next("gpu")  # nothing left: a no-op
+    runner.stop(grace_s=60.0)
+    runner.run_next("gpu")
+    assert woken == ["gpu", "gpu"]  # a stopping worker passes a wake-up on

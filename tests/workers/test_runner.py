@@ -24,6 +24,8 @@ from shared.core.constants import (
 )
 from shared.core.jobs import Job, JobStore, UploadStore
 from shared.core.prompt_text import prompt_counter
+from shared.core.quotas import Quotas
+from shared.core.scheduler import FairScheduler
 from shared.core.storage import LocalStore, artifact_key
 from workers.handlers import job_seed
 from workers.models import WorkerModels
@@ -57,6 +59,8 @@ def runner(
         models,
         UploadStore(client),
         enqueue=ENQUEUED.append,
+        scheduler=FairScheduler(client, Quotas()),
+        wake=lambda queue: None,
     )
     yield runner
     models.close()

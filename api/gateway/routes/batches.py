@@ -20,9 +20,16 @@ from api.gateway.app import services
 from api.gateway.auth import authenticate, current_tenant
 from api.gateway.errors import ApiError
 from api.gateway.limits import json_depth
-from api.gateway.submission import Prepared, idempotency_key, prepare, record, webhook_target
+from api.gateway.submission import (
+    Prepared,
+    admit,
+    idempotency_key,
+    prepare,
+    record,
+    webhook_target,
+)
 from shared.core.batches import Batch, BatchStore, batch_out
-from shared.core.queueing import revoke
+from shared.core.schemas import ErrorBody
 from shared.core.webhooks import WebhookStore, batch_subject
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
@@ -178,6 +185,12 @@ def _item_problems(item: Any, where: str, seen: dict[str, int], index: int) -> l
         "being created",
         413: "The body is over the batch body limit",
         415: "Neither JSON, JSONL nor a multipart `file`",
+        429: Reply(
+            "Over a quota, counting all the items (`error.field` names it, as for POST "
+            "/v1/jobs); `Retry-After` says when to try again where waiting helps",
+            ErrorBody,
+            headers={"Retry-After": "Seconds to wait (rate limit and daily quotas)"},
+        ),
         422: "Invalid items (refused whole: `error.details` names each `items[i].field`), or a "
         "bad `webhook_url` / `idempotency_key`",
     },
@@ -223,6 +236,7 @@ def create_batch() -> ResponseReturnValue:
     key = idempotency_key(body_key)
     webhook_url = webhook_target(tenant, url, "webhook_url")
     prepared = _prepare_items(tenant, items)
+    admit(tenant, [item for _, item in prepared])
     digest = hashlib.sha256(json.dumps([items, webhook_url], sort_keys=True).encode()).hexdigest()
     store = _store()
     batch = Batch.new(tenant, len(prepared), digest, webhook_url)
@@ -233,7 +247,7 @@ def create_batch() -> ResponseReturnValue:
     items_out: list[tuple[str | None, str]] = []
     to_send: list[str] = []
     for custom_id, item in prepared:
-        job, to_queue = record(item, tenant, None)
+        job, to_queue = record(item, tenant, None, priority="batch")
         items_out.append((custom_id, job.id))
         to_send.append((to_queue or job).id)
     # the workers send the Celery messages (see workers/background.py): thousands take a
@@ -337,11 +351,6 @@ def cancel_batch(batch_id: str) -> ResponseReturnValue:
     a frame; finished items keep their results. Answers with the batch."""
     svc = services()
     batch = _store().request_cancel(_batch_or_404(batch_id))
-    revoked = []
     for job_id in _store().job_ids(batch.id):
-        job = svc.jobs.cancel(job_id)
-        if job is not None and job.state == "cancelled":
-            revoked.append(job_id)
-    if revoked:
-        revoke(svc.celery, revoked)
+        svc.jobs.cancel(job_id)  # a queued one also leaves the scheduler: it never starts
     return jsonify(_out(batch))

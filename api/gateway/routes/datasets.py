@@ -17,6 +17,7 @@ from api.gateway.auth import authenticate, current_tenant
 from api.gateway.errors import ApiError
 from api.gateway.limits import json_body
 from api.gateway.submission import invalid
+from api.gateway.tenancy import tenancy
 from shared.core.constants import FRAMES_PER_SECOND
 from shared.core.dataset_items import check_items, item_state, needs_encoding
 from shared.core.datasets import Dataset, DatasetStore, new_dataset
@@ -119,7 +120,7 @@ def create_dataset() -> ResponseReturnValue:
     DatasetStore(svc.redis).create(dataset)
     for job in encodes:
         try:
-            enqueue(svc.celery, job)
+            enqueue(svc.celery, tenancy().scheduler, job)
         except Exception as error:  # broker away: the item shows failed, saying so
             svc.jobs.fail(job.id, "enqueue_failed", f"could not queue the job: {error}")
     response = jsonify(dataset_out(dataset, resolver))

@@ -17,9 +17,8 @@ from api.gateway.replies import EVENT_STREAM, artifact_content
 from api.gateway.submission import idempotency_key, launch, prepare
 from shared.core.jobs import STATES, Job
 from shared.core.jobtypes import JOB_TYPES
-from shared.core.queueing import revoke
 from shared.core.retention import Deleter, NotFinished
-from shared.core.schemas import JobList, JobOut, SubmitRequest, job_out
+from shared.core.schemas import ErrorBody, JobList, JobOut, SubmitRequest, job_out
 from shared.core.storage import ObjectNotFound, artifact_key, content_type_for
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -56,6 +55,14 @@ def _job_or_404(job_id: str) -> Job:
         "must have succeeded with the artifacts the job needs, an upload must be of the right "
         "kind, and an extension must fit the model's context; the Idempotency-Key header and "
         "`idempotency_key` must agree",
+        429: Reply(
+            "Over a quota; `error.field` names it: `submits_per_minute` (rate limit), "
+            "`max_queued`, `storage_bytes`, `audio_seconds_per_day` or "
+            "`finetune_gpu_seconds_per_day`; `Retry-After` says when to try again where waiting "
+            "helps",
+            ErrorBody,
+            headers={"Retry-After": "Seconds to wait (rate limit and daily quotas)"},
+        ),
         503: "The job queue is unreachable; nothing was queued",
     },
     headers={
@@ -133,14 +140,11 @@ def get_job(job_id: str) -> ResponseReturnValue:
 @bp.post("/<job_id>/cancel")
 @documented({200: Reply("The job after the request", JobOut), 404: NOT_FOUND})
 def cancel_job(job_id: str) -> ResponseReturnValue:
-    """Queued → cancelled at once (and its message revoked); running → its worker is told to
-    stop and the job ends `cancelled` shortly; finished jobs are returned unchanged."""
-    svc = services()
-    before = _job_or_404(job_id)
-    job = svc.jobs.cancel(job_id)
-    if before.state == "queued" and job.state == "cancelled":
-        revoke(svc.celery, job_id)
-    return jsonify(job_out(job))
+    """Queued → cancelled at once (it leaves the scheduler, so it never starts); running → its
+    worker is told to stop and the job ends `cancelled` shortly; finished jobs are returned
+    unchanged."""
+    _job_or_404(job_id)
+    return jsonify(job_out(services().jobs.cancel(job_id)))
 
 
 @bp.delete("/<job_id>")

@@ -13,9 +13,11 @@ from api.gateway.apidoc import Body, Reply, documented
 from api.gateway.app import services
 from api.gateway.auth import authenticate, current_tenant
 from api.gateway.errors import ApiError
+from api.gateway.tenancy import over_quota, tenancy
 from shared.core.audio import AudioLimits, probe_audio
 from shared.core.constants import FRAMES_PER_SECOND, frames_for_seconds
 from shared.core.jobs import Upload, new_id
+from shared.core.quotas import QuotaExceeded
 from shared.core.retention import Deleter
 from shared.core.schemas import UploadList, UploadOut, upload_out
 from shared.core.storage import content_type_for, upload_key
@@ -56,6 +58,7 @@ def _filename(raw: str | None, limit: int) -> str:
     {
         201: Reply("Stored; `kind` says which of the two it is", UploadOut),
         413: "The file is over {settings.max_upload_bytes} bytes",
+        429: "The upload would pass the tenant's storage quota (`error.field`: `storage_bytes`)",
         422: "No `file` part, an empty file, audio libsndfile cannot decode or over "
         "{settings.max_upload_seconds:g} s, or a .npy that is not an [8, T] integer token array",
     },
@@ -101,6 +104,11 @@ def create_upload() -> ResponseReturnValue:
             )
         if size == 0:
             raise ApiError(422, "invalid_file", "the file is empty", "file")
+        quotas = tenancy().quotas
+        try:
+            quotas.admit_upload(current_tenant(), quotas.get(current_tenant()), size)
+        except QuotaExceeded as error:
+            raise over_quota(error) from None
         try:
             if path.suffix.lower() == ".npy":
                 kind, sample_rate, channels = "tokens", None, None
