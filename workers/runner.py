@@ -126,6 +126,7 @@ class JobRunner:
             return
         job, lease = picked.job, picked.lease
         lost = self.leases.hold(lease)
+        metrics.job_started(job)
         try:
             self._run_started(job, lease, lost)
         finally:
