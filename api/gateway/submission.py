@@ -109,12 +109,12 @@ def admit(tenant: str, items: list[Prepared]) -> None:
     """One submit from the tenant's rate limit, then room in its quotas for every item; a 429
     naming the quota (with Retry-After where waiting helps) if not."""
     quotas = tenancy().quotas
-    limits = quotas.get(tenant)
+    limits, used = quotas.standing(tenant)
     try:
         quotas.take_submit(tenant, limits)
         quotas.admit(
-            tenant,
             limits,
+            used,
             jobs=sum(1 + (item.first_step is not None) for item in items),
             audio_s=sum(audio_seconds(item.params.model_dump()) for item in items),
             train_jobs=sum(item.entry.queue == "train" for item in items),

@@ -26,7 +26,7 @@ import math
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import redis
@@ -143,7 +143,9 @@ class Job:
         return self.state in TERMINAL_STATES
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields by name, shallow (params shared with the job): for encoding, which every
+        submit and event does, so no deep copy."""
+        return {f.name: getattr(self, f.name) for f in _JOB_FIELDS}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Job:
@@ -151,6 +153,8 @@ class Job:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
+
+_JOB_FIELDS = fields(Job)
 
 # Each hash field holds the JSON of one Job field, so types survive the round trip and states
 # compare as their JSON text ('"queued"') inside the scripts.
@@ -896,7 +900,7 @@ class Upload:
     created_at: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Upload:

@@ -66,7 +66,9 @@ def make_celery(settings: Settings, main: str = "heartcluster") -> Celery:
         worker_soft_shutdown_timeout=0.0,
         task_publish_retry_policy=PUBLISH_RETRY,
         broker_connection_timeout=settings.redis_timeout_s,
-        task_track_started=True,
+        # a wake-up has no result: job state lives in the job store, so workers store none
+        # and senders do not subscribe to one (two round trips per submit saved)
+        task_ignore_result=True,
         task_time_limit=settings.job_time_limit_s,
         broker_transport_options=transport,
         result_backend_transport_options=transport,
@@ -79,7 +81,7 @@ def make_celery(settings: Settings, main: str = "heartcluster") -> Celery:
 
 def wake(celery_app: Celery, queue: str) -> None:
     """Send one wake-up to `queue`: a worker slot that takes it runs the scheduler's choice."""
-    celery_app.send_task(TASK_NAME, args=[queue], task_id=new_id(), queue=queue)
+    celery_app.send_task(TASK_NAME, args=[queue], task_id=new_id(), queue=queue, ignore_result=True)
 
 
 def enqueue(celery_app: Celery, scheduler: FairScheduler, job: Job) -> None:

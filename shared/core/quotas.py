@@ -149,8 +149,15 @@ class QuotaStore:
 
     def own(self, tenant: str) -> dict[str, float]:
         """Only the quotas the operator set for this tenant."""
-        raw = self._redis.hgetall(quotas_key(tenant))
-        return _typed({_text(k): float(v) for k, v in raw.items() if _text(k) in QUOTA_NAMES})
+        return _own(self._redis.hgetall(quotas_key(tenant)))
+
+    def standing(self, tenant: str) -> tuple[Quotas, dict[str, float]]:
+        """The tenant's quotas and usage in one round trip: what every submit checks."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hgetall(quotas_key(tenant))
+        _read_usage(pipe, tenant)
+        own, *counts = pipe.execute()
+        return replace(self.defaults, **_own(own)), _usage(counts)
 
     def set(self, tenant: str, values: dict[str, float | None]) -> Quotas:
         """Set (a number) or reset to the default (None) some quotas; ValueError naming a bad
@@ -172,21 +179,9 @@ class QuotaStore:
     # -- usage ----------------------------------------------------------------------------
 
     def usage(self, tenant: str) -> dict[str, float]:
-        day = today()
         pipe = self._redis.pipeline(transaction=False)
-        pipe.scard(tenant_running_key(tenant))
-        pipe.scard(tenant_queued_key(tenant))
-        pipe.get(audio_key(tenant, day))
-        pipe.get(gpu_key(tenant, day))
-        pipe.get(storage_key(tenant))
-        running, queued, audio, gpu, storage = pipe.execute()
-        return {
-            "running": int(running),
-            "queued": int(queued),
-            "audio_seconds_today": round(max(0.0, float(audio or 0)), 3),
-            "finetune_gpu_seconds_today": round(float(gpu or 0), 3),
-            "storage_bytes": max(0, int(storage or 0)),
-        }
+        _read_usage(pipe, tenant)
+        return _usage(pipe.execute())
 
     def reserve_audio(self, tenant: str, job_id: str, seconds: float) -> None:
         """Count a submitted job's audio seconds today; given back if it fails or is cancelled
@@ -234,12 +229,13 @@ class QuotaStore:
                 float(wait),
             )
 
+    @staticmethod
     def admit(
-        self, tenant: str, quotas: Quotas, jobs: int, audio_s: float, train_jobs: int
+        quotas: Quotas, used: dict[str, float], jobs: int, audio_s: float, train_jobs: int
     ) -> None:
-        """May the tenant queue `jobs` more jobs generating `audio_s` seconds of audio, of
-        which `train_jobs` on the train queue? QuotaExceeded naming the first limit hit."""
-        used = self.usage(tenant)
+        """May a tenant with these quotas and usage (`standing`) queue `jobs` more jobs
+        generating `audio_s` seconds of audio, of which `train_jobs` on the train queue?
+        QuotaExceeded naming the first limit hit."""
         if quotas.max_queued and used["queued"] + jobs > quotas.max_queued:
             raise QuotaExceeded(
                 "max_queued",
@@ -278,6 +274,31 @@ class QuotaStore:
                 f"{used} bytes stored and this upload's {size} would pass the limit of "
                 f"{quotas.storage_bytes} (quota storage_bytes)",
             )
+
+
+def _own(raw: dict[bytes, bytes]) -> dict[str, Any]:
+    return _typed({_text(k): float(v) for k, v in raw.items() if _text(k) in QUOTA_NAMES})
+
+
+def _read_usage(pipe: redis.client.Pipeline, tenant: str) -> None:
+    """Queue the reads `_usage` turns into a tenant's usage."""
+    day = today()
+    pipe.scard(tenant_running_key(tenant))
+    pipe.scard(tenant_queued_key(tenant))
+    pipe.get(audio_key(tenant, day))
+    pipe.get(gpu_key(tenant, day))
+    pipe.get(storage_key(tenant))
+
+
+def _usage(counts: list[Any]) -> dict[str, float]:
+    running, queued, audio, gpu, storage = counts
+    return {
+        "running": int(running),
+        "queued": int(queued),
+        "audio_seconds_today": round(max(0.0, float(audio or 0)), 3),
+        "finetune_gpu_seconds_today": round(float(gpu or 0), 3),
+        "storage_bytes": max(0, int(storage or 0)),
+    }
 
 
 def _typed(values: dict[str, float]) -> dict[str, Any]:

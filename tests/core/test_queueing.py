@@ -45,7 +45,7 @@ def test_reliability_settings(settings: Settings) -> None:
     transport = conf.broker_transport_options
     assert transport["socket_timeout"] == transport["socket_connect_timeout"] > 0
     assert conf.task_publish_retry_policy["max_retries"] <= 3
-    assert conf.task_track_started
+    assert conf.task_ignore_result  # job state lives in the job store, not in results
     # leases make redelivery harmless, so a message a dead worker took comes back within
     # seconds (swept every heartbeat), not after the longest job
     assert visibility_timeout_s(settings) == 2 * settings.lease_s < settings.job_time_limit_s

@@ -69,9 +69,13 @@ def test_audio_seconds_are_reserved_and_given_back_when_a_job_does_not_succeed(
     jobs.succeed(kept.id, [])
     assert quotas.usage("acme")["audio_seconds_today"] == 30
     with pytest.raises(QuotaExceeded) as refused:
-        quotas.admit("acme", Quotas(audio_seconds_per_day=40), jobs=1, audio_s=11, train_jobs=0)
+        quotas.admit(
+            Quotas(audio_seconds_per_day=40), quotas.usage("acme"), jobs=1, audio_s=11, train_jobs=0
+        )
     assert refused.value.field == "audio_seconds_per_day" and refused.value.retry_after_s > 0
-    quotas.admit("acme", Quotas(audio_seconds_per_day=40), jobs=1, audio_s=10, train_jobs=0)
+    quotas.admit(
+        Quotas(audio_seconds_per_day=40), quotas.usage("acme"), jobs=1, audio_s=10, train_jobs=0
+    )
 
 
 def test_storage_counts_uploads_and_artifacts_until_deleted(quotas, redis_client) -> None:
@@ -84,7 +88,9 @@ def test_storage_counts_uploads_and_artifacts_until_deleted(quotas, redis_client
     with pytest.raises(QuotaExceeded, match="storage_bytes"):
         quotas.admit_upload("acme", Quotas(storage_bytes=2000), 501)
     with pytest.raises(QuotaExceeded, match="storage_bytes"):
-        quotas.admit("acme", Quotas(storage_bytes=1500), jobs=1, audio_s=0, train_jobs=0)
+        quotas.admit(
+            Quotas(storage_bytes=1500), quotas.usage("acme"), jobs=1, audio_s=0, train_jobs=0
+        )
     uploads.delete(upload)
     uploads.delete(upload)  # counted out once
     assert jobs.delete(job.id) is True
@@ -96,10 +102,12 @@ def test_queued_and_train_limits_name_themselves(quotas, redis_client) -> None:
     for _ in range(2):
         jobs.create(Job.new("acme", "generate", {}))
     with pytest.raises(QuotaExceeded, match="2 jobs queued and 2 more") as refused:
-        quotas.admit("acme", Quotas(max_queued=3), jobs=2, audio_s=0, train_jobs=0)
+        quotas.admit(Quotas(max_queued=3), quotas.usage("acme"), jobs=2, audio_s=0, train_jobs=0)
     assert refused.value.field == "max_queued" and refused.value.retry_after_s is None
     quotas.add_gpu_seconds("acme", 50)
     with pytest.raises(QuotaExceeded) as refused:
-        quotas.admit("acme", Quotas(finetune_gpu_seconds_per_day=50), 1, 0, train_jobs=1)
+        quotas.admit(
+            Quotas(finetune_gpu_seconds_per_day=50), quotas.usage("acme"), 1, 0, train_jobs=1
+        )
     assert refused.value.field == "finetune_gpu_seconds_per_day"
-    quotas.admit("acme", Quotas(finetune_gpu_seconds_per_day=50), 1, 0, train_jobs=0)
+    quotas.admit(Quotas(finetune_gpu_seconds_per_day=50), quotas.usage("acme"), 1, 0, train_jobs=0)

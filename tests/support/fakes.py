@@ -15,7 +15,10 @@ class RecordingCelery:
         self.fail_sends = False
         self.control = self
 
-    def send_task(self, name: str, args: list, task_id: str, queue: str) -> None:
+    def send_task(
+        self, name: str, args: list, task_id: str, queue: str, ignore_result: bool = False
+    ) -> None:
+        assert ignore_result, "a wake-up has no result: senders must not wait for one"
         if self.fail_sends:
             raise ConnectionError("broker down")
         self.sent.append({"name": name, "args": args, "task_id": task_id, "queue": queue})

@@ -21,8 +21,7 @@ def get_usage() -> ResponseReturnValue:
     and the submit rate, each against the tenant's limit."""
     tenant = current_tenant()
     quotas = tenancy().quotas
-    limits = quotas.get(tenant)
-    used = quotas.usage(tenant)
+    limits, used = quotas.standing(tenant)
 
     def pair(value: float, limit: float) -> dict[str, float | None]:
         return {"used": value, "limit": limit or None}
