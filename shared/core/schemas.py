@@ -27,6 +27,8 @@ from shared.core.constants import (
     CONTEXT_POSITIONS,
     FRAME_MS,
     FRAME_S,
+    LORA_PROJECTIONS,
+    LORA_TARGETS,
     frames_for_seconds,
 )
 from shared.core.jobs import Job, Upload
@@ -301,14 +303,6 @@ class TranscribeParams(Params):
     @classmethod
     def _one_source(cls, value: str | None, info: ValidationInfo) -> str | None:
         return _second_source(value, info, "source_job_id")
-
-
-# LoRA targets: a projection of both transformers (`q_proj`) or of one (`decoder.w1`).
-LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3")
-LORA_TARGETS = (
-    *LORA_PROJECTIONS,
-    *(f"{part}.{name}" for part in ("backbone", "decoder") for name in LORA_PROJECTIONS),
-)
 
 
 class FinetuneParams(Params):
