@@ -115,9 +115,7 @@ class Settings:
             dtype=reader.get("DTYPE", None, _dtype),
             engine_max_rows=reader.get("ENGINE_MAX_ROWS", cls.engine_max_rows, _positive(int)),
             adapter_slots=reader.get("ADAPTER_SLOTS", cls.adapter_slots, _non_negative_int),
-            adapter_max_rank=reader.get(
-                "ADAPTER_MAX_RANK", cls.adapter_max_rank, _positive(int)
-            ),
+            adapter_max_rank=reader.get("ADAPTER_MAX_RANK", cls.adapter_max_rank, _positive(int)),
             adapter_targets=reader.get("ADAPTER_TARGETS", cls.adapter_targets, _lora_targets),
             max_duration_s=reader.get("MAX_DURATION_S", cls.max_duration_s, _positive(float)),
             max_lyrics_chars=reader.get("MAX_LYRICS_CHARS", cls.max_lyrics_chars, _positive(int)),

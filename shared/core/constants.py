@@ -39,6 +39,15 @@ LORA_TARGETS = (
 )
 
 
+def lora_projections(target: str) -> set[tuple[str, str]]:
+    """The (transformer, projection) pairs a LoRA target names: `q_proj` both, `decoder.w1` one.
+    Raises ValueError for a name that is not a target."""
+    part, _, name = target.rpartition(".")
+    if name not in LORA_PROJECTIONS or (part and part not in LORA_PARTS):
+        raise ValueError(f"unknown LoRA target {target!r}")
+    return {(p, name) for p in ([part] if part else LORA_PARTS)}
+
+
 def frames_for_seconds(seconds: float) -> int:
     """Whole frames in `seconds`, rounding to the nearest millisecond first (30.0 s → 375)."""
     return round(seconds * 1000) // FRAME_MS

@@ -33,7 +33,7 @@ from shared.ml.generation.request import (
 from shared.ml.generation.scheduler import Scheduler
 from shared.ml.models.checkpoint import resolve_device, resolve_dtype
 from shared.ml.models.heartmula import HeartMuLa, heartmula_folder, load_heartmula
-from shared.ml.models.multi_lora import AdapterCapacity, LoRAWeights, MultiLoRA
+from shared.ml.models.multi_lora import AdapterCapacity, AdapterError, LoRAWeights, MultiLoRA
 from shared.ml.models.prompt import PromptBuilder
 
 __all__ = [
@@ -156,7 +156,7 @@ class GenerationEngine:
             raise RequestError("adapter_id", "this engine serves no adapters")
         try:
             return self.lora.read(adapter.files())
-        except (KeyError, ValueError) as error:  # AdapterError, bad JSON, missing fields
+        except AdapterError as error:
             raise RequestError("adapter_id", f"adapter {adapter.id}: {error}") from None
 
     # ----- background loop --------------------------------------------------------------------

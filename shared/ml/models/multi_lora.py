@@ -120,10 +120,13 @@ class MultiLoRA:
     def read(self, files: dict[str, bytes]) -> LoRAWeights:
         """An adapter in PEFT's format, checked against these slots: AdapterError if its rank
         is over `max_rank`, it adapts a projection not served here, or shapes do not match."""
-        config = json.loads(files[ADAPTER_CONFIG])
+        try:
+            config = json.loads(files[ADAPTER_CONFIG])
+            rank, alpha = int(config["r"]), float(config["lora_alpha"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise AdapterError(f"{ADAPTER_CONFIG} is not a LoRA config ({error!r})") from None
         if config.get("peft_type") != "LORA" or config.get("use_dora"):
             raise AdapterError("only plain LoRA adapters are served (not DoRA or other PEFT types)")
-        rank, alpha = int(config["r"]), float(config["lora_alpha"])
         if rank > self.max_rank:
             raise AdapterError(
                 f"rank {rank} is over the {self.max_rank} this worker serves "

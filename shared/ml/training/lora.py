@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save as save_safetensors
 
-from shared.core.constants import LORA_PARTS, LORA_PROJECTIONS
+from shared.core.constants import LORA_PROJECTIONS, lora_projections
 from shared.ml.models.heartmula import HeartMuLa
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -25,14 +25,11 @@ BLOCK = {name: "mlp" if name.startswith("w") else "attn" for name in LORA_PROJEC
 
 def target_pattern(targets: Sequence[str]) -> str:
     """A PEFT target regex from names like `q_proj` (both transformers) or `decoder.w1`."""
-    alternatives = []
-    for target in targets:
-        part, _, name = target.rpartition(".")
-        parts = [part] if part else list(LORA_PARTS)
-        if name not in BLOCK or not set(parts) <= set(LORA_PARTS):
-            raise ValueError(f"unknown LoRA target {target!r}")
-        for p in parts:
-            alternatives.append(rf"{p}\.layers\.\d+\.{BLOCK[name]}\.{re.escape(name)}")
+    alternatives = [
+        rf"{part}\.layers\.\d+\.{BLOCK[name]}\.{re.escape(name)}"
+        for target in targets
+        for part, name in sorted(lora_projections(target))
+    ]
     return rf"^(?:{'|'.join(alternatives)})$"
 
 
