@@ -163,7 +163,10 @@ class ModelRunner:
             return StepOutput(None, failed)
         positions = [f.position for f in plan.feeds]
         positions += [p.prompt.length + _history_len(p) for p in plan.prefills]
-        codes = self.run_step(self.shape(max(positions) + 1))
+        try:
+            codes = self.run_step(self.shape(max(positions) + 1))
+        finally:
+            self._select(None)  # outside a step the model is the base model
         return StepOutput(codes.to("cpu", torch.int32).numpy(), failed)
 
     # ----- joins and leaves -------------------------------------------------------------------
@@ -234,7 +237,10 @@ class ModelRunner:
         positions = torch.arange(length, device=device).expand(len(rows), -1)
         index = torch.tensor(rows, device=device)
         self._select(torch.tensor(slots, device=device) if any(slots) else None)
-        out = self.model.backbone(x, positions, index, kv_len=length)  # [B, length, D]
+        try:
+            out = self.model.backbone(x, positions, index, kv_len=length)  # [B, length, D]
+        finally:
+            self._select(None)
         self.state.hidden[index] = out[torch.arange(len(rows), device=device), last]
 
     def join(self, prefills: Sequence[Prefill]) -> None:
