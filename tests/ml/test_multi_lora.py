@@ -274,3 +274,17 @@ def test_an_aborted_waiting_request_lets_go_of_its_slot(
     other = engine.submit(replace(BASE, adapter=_ref(adapters, "y")))  # x must be evictable
     _run(engine, [other])
     assert other.result().finish_reason == "length"
+
+
+def test_the_engine_reads_an_adapter_only_when_it_is_not_resident(
+    tiny_model_dir: Path, adapters: dict[str, dict[str, bytes]]
+) -> None:
+    """Two slots, adapters used in turn x y x z x y: z evicts y (least recently used), the
+    second y evicts z; x stays resident throughout."""
+    engine = _engine(tiny_model_dir, slots=2)
+    reads: list[str] = []
+    for name in ["x", "y", "x", "z", "x", "y"]:
+        engine.generate([replace(BASE, duration_s=0.16, adapter=_ref(adapters, name, reads))])
+    assert reads == ["x", "y", "z", "y"]
+    assert engine.scheduler.adapter_slots is not None
+    assert set(engine.scheduler.adapter_slots.resident()) == {"x", "y"}

@@ -84,7 +84,7 @@ class GenerationEngine:
             eos_id,
             model.config.audio_num_codebooks,
             AdapterSlots(self.lora.capacity.slots) if self.lora is not None else None,
-            self.read_adapter if self.lora else None,
+            self.read_adapter if self.lora is not None else None,
         )
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -152,8 +152,7 @@ class GenerationEngine:
     def read_adapter(self, adapter: AdapterRef) -> LoRAWeights:
         """Read and check an adapter's files for this engine (RequestError naming adapter_id
         if it cannot be served)."""
-        if self.lora is None:
-            raise RequestError("adapter_id", "this engine serves no adapters")
+        assert self.lora is not None  # the scheduler reads adapters only where they are served
         try:
             return self.lora.read(adapter.files())
         except AdapterError as error:
