@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlparse
 
-from shared.core.constants import LORA_PROJECTIONS, LORA_TARGETS
+from shared.core.lora_targets import LORA_PROJECTIONS, LORA_TARGETS
 
 PREFIX = "HEARTCLUSTER_"
 DTYPES = ("auto", "bf16", "fp16", "fp32")

@@ -18,12 +18,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from shared.core.config import Settings
-from shared.core.constants import (
-    CONTEXT_POSITIONS,
-    FRAME_S,
-    frames_for_seconds,
-    lora_projections,
-)
+from shared.core.constants import CONTEXT_POSITIONS, FRAME_S, frames_for_seconds
 from shared.core.dataset_items import item_state
 from shared.core.inpaint import plan_gap
 from shared.core.inputs import (
@@ -34,6 +29,7 @@ from shared.core.inputs import (
     SourceJob,
     SourceUpload,
 )
+from shared.core.lora_targets import lora_projections
 from shared.core.prompt_text import prompt_counter
 from shared.core.schemas import (
     AUDIO_ARTIFACTS,

@@ -27,13 +27,12 @@ from shared.core.constants import (
     CONTEXT_POSITIONS,
     FRAME_MS,
     FRAME_S,
-    LORA_PROJECTIONS,
-    LORA_TARGETS,
     frames_for_seconds,
 )
 from shared.core.jobs import Job, Upload
 from shared.core.languages import ACCEPTED as LANGUAGE_NAMES
 from shared.core.languages import language_code
+from shared.core.lora_targets import LORA_PROJECTIONS, LORA_TARGETS
 from shared.core.prompt_text import prompt_counter
 from shared.core.text import clean_text
 

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from shared.core.constants import LORA_PROJECTIONS
+from shared.core.lora_targets import LORA_PROJECTIONS
 from shared.ml.models.heartmula import HeartMuLa
 from shared.ml.training.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, target_pattern
 

@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save as save_safetensors
 
-from shared.core.constants import LORA_PROJECTIONS, lora_projections
+from shared.core.lora_targets import LORA_PROJECTIONS, lora_projections
 from shared.ml.models.heartmula import HeartMuLa
 
 ADAPTER_CONFIG = "adapter_config.json"
