@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -22,7 +21,7 @@ from shared.core.dataset_items import item_state, item_tokens
 from shared.core.inpaint import plan_gap
 from shared.core.inputs import InputResolver, Resolved, SourceJob
 from shared.core.jobs import Job
-from shared.core.jobtypes import ADAPTER_FILES, JOB_TYPES
+from shared.core.jobtypes import JOB_TYPES
 from shared.core.lyrics import to_lrc, to_srt
 from shared.core.preview import render_preview
 from shared.core.progress import AbortCheck, Progress
@@ -39,7 +38,7 @@ from shared.core.schemas import (
 )
 from shared.core.storage import PREVIEW, TOKENS, ObjectStore, artifact_key
 from shared.core.tokens import InputError, read_tokens, tokens_bytes
-from shared.ml.generation.engine import GenerationEngine, GenerationRequest
+from shared.ml.generation.engine import GenerationRequest
 from shared.ml.pipelines import (
     Song,
     decode_tokens,
@@ -105,11 +104,12 @@ _SongParams = GenerateParams | ExtendParams | InpaintParams
 _PARENT_TOKENS = SourceJob("source_job_id", needs=((TOKENS,),))
 
 
-def _request(
-    params: _SongParams, seed: int, history: np.ndarray | None = None
-) -> GenerationRequest:
+def _request(ctx: JobContext, history: np.ndarray | None = None) -> GenerationRequest:
     """The engine request of a song job (extend/inpaint carry their parent's tags and lyrics,
-    filled in by the registry's check)."""
+    filled in by the registry's check), with its LoRA adapter if it names one."""
+    params = ctx.params
+    assert isinstance(params, _SongParams)
+    adapter = ctx.inputs.adapters.get("adapter_id")
     if params.tags is None:
         raise InputError("tags", "no tags given and none inherited")
     return GenerationRequest(
@@ -119,21 +119,10 @@ def _request(
         temperature=params.temperature,
         top_k=params.top_k,
         cfg_scale=params.cfg_scale,
-        seed=seed,
+        seed=ctx.seed,
         history=history,
+        adapter=None if adapter is None else ctx.models.adapter(adapter, ctx.resolver),
     )
-
-
-def _engine(ctx: JobContext) -> AbstractContextManager[GenerationEngine]:
-    """The shared engine, or with `adapter_id` one running the base model + that adapter."""
-    adapter = ctx.inputs.adapters.get("adapter_id")
-    if adapter is None:
-        return nullcontext(ctx.models.engine())
-
-    def files() -> dict[str, bytes]:
-        return {name: ctx.resolver.artifact(adapter, (name,))[1] for name in ADAPTER_FILES}
-
-    return ctx.models.adapter_engine(adapter.id, files)
 
 
 def _song_output(ctx: JobContext, song: Song, **extra: object) -> Output:
@@ -163,15 +152,14 @@ def generate(ctx: JobContext) -> Output:
     params = ctx.params
     assert isinstance(params, GenerateParams)
     models = ctx.models
-    with _engine(ctx) as engine:
-        song = generate_song(
-            engine,
-            models.codec(),
-            models.codec_lock,
-            _request(params, ctx.seed),
-            ctx.progress,
-            ctx.should_abort,
-        )
+    song = generate_song(
+        models.engine(),
+        models.codec(),
+        models.codec_lock,
+        _request(ctx),
+        ctx.progress,
+        ctx.should_abort,
+    )
     return _song_output(ctx, song)
 
 
@@ -188,15 +176,14 @@ def extend(ctx: JobContext) -> Output:
         parent = ctx.resolver.job(ctx.job.tenant, ctx.job.parent_job_id or "", _PARENT_TOKENS)
     history = ctx.resolver.tokens(parent, field)
     models = ctx.models
-    with _engine(ctx) as engine:
-        song = generate_song(
-            engine,
-            models.codec(),
-            models.codec_lock,
-            _request(params, ctx.seed, history=history),
-            ctx.progress,
-            ctx.should_abort,
-        )
+    song = generate_song(
+        models.engine(),
+        models.codec(),
+        models.codec_lock,
+        _request(ctx, history=history),
+        ctx.progress,
+        ctx.should_abort,
+    )
     return _song_output(ctx, song, parent_job_id=parent.id, parent_frames=int(history.shape[1]))
 
 
@@ -209,18 +196,17 @@ def inpaint(ctx: JobContext) -> Output:
     audio = _song_audio(ctx, parent)
     gap = plan_gap(params.start_s, params.end_s, tokens.shape[1])
     models = ctx.models
-    with _engine(ctx) as engine:
-        song = inpaint_song(
-            engine,
-            models.codec(),
-            models.codec_lock,
-            tokens,
-            audio,
-            gap,
-            _request(params, ctx.seed),
-            ctx.progress,
-            ctx.should_abort,
-        )
+    song = inpaint_song(
+        models.engine(),
+        models.codec(),
+        models.codec_lock,
+        tokens,
+        audio,
+        gap,
+        _request(ctx),
+        ctx.progress,
+        ctx.should_abort,
+    )
     return _song_output(ctx, song, parent_job_id=parent.id, gap_frames=[gap.start, gap.stop])
 
 

@@ -6,35 +6,38 @@ concurrent generate jobs batch together) and one codec decoder, with a CodecBatc
 the codec encoder; a train-queue worker holds the base model it fine-tunes (LoRA layers are added
 per job and taken out after). Each is loaded on first use, or up front by `preload`.
 
-Songs with a LoRA adapter (`adapter_id`) run on a second engine whose model has that adapter
-merged into its weights: correct and simple, one adapter at a time per worker (a request for
-another adapter waits until the current one's requests are done). Multi-adapter batches will
-replace this.
+Songs with a LoRA adapter (`adapter_id`) run on the same engine as every other song: each batch
+row adds its own adapter's update, up to HEARTCLUSTER_ADAPTER_SLOTS adapters stay resident on the
+device (least recently used evicted first), and a job reads its adapter from the object store in
+its own thread when the adapter is not resident.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from shared.core.config import Settings
+from shared.core.inputs import InputResolver
+from shared.core.jobs import Job
+from shared.core.jobtypes import ADAPTER_FILES
+from shared.core.storage import METADATA
+from shared.core.tokens import InputError
 from shared.ml.codec.batching import CodecBatcher
 from shared.ml.codec.decoder import HeartCodecDecoder, load_codec
 from shared.ml.codec.encoder import EncoderNotFoundError, HeartCodecEncoder, load_encoder
-from shared.ml.generation.engine import GenerationEngine
+from shared.ml.generation.engine import AdapterCapacity, AdapterRef, GenerationEngine
 from shared.ml.models.checkpoint import CheckpointError, resolve_device, resolve_dtype
 from shared.ml.models.heartmula import HeartMuLa, heartmula_folder, load_heartmula
 from shared.ml.models.prompt import PromptBuilder
 from shared.ml.models.tiny import NOISE_WARNING, TINY_VERSION, write_tiny_models
-from shared.ml.training.lora import merge_adapter
 from shared.ml.transcribe import Transcriber, load_transcriber
 
 log = logging.getLogger(__name__)
@@ -89,9 +92,6 @@ class WorkerModels:
         self._trainable: HeartMuLa | None = None
         self.train_lock = threading.Lock()  # one fine-tune at a time on the trainable model
         self._prompts: PromptBuilder | None = None
-        self._adapter_turn = threading.Condition()
-        self._adapter_engine: tuple[str, GenerationEngine] | None = None
-        self._adapter_users = 0
 
     def engine(self) -> GenerationEngine:
         with self._load_lock:
@@ -99,7 +99,14 @@ class WorkerModels:
                 s = self.settings
                 log.info("loading HeartMuLa-oss-%s from %s", self.model_version, self.model_dir)
                 engine = GenerationEngine.from_model_dir(
-                    self.model_dir, self.model_version, s.device, s.dtype, s.engine_max_rows
+                    self.model_dir,
+                    self.model_version,
+                    s.device,
+                    s.dtype,
+                    s.engine_max_rows,
+                    adapters=AdapterCapacity(
+                        s.adapter_slots, s.adapter_max_rank, s.adapter_targets
+                    ),
                 )
                 engine.start()
                 self._engine = engine
@@ -162,39 +169,23 @@ class WorkerModels:
                 self._trainable = self._base_model(dtype)
             return self._trainable
 
-    @contextmanager
-    def adapter_engine(
-        self, adapter_id: str, files: Callable[[], dict[str, bytes]]
-    ) -> Iterator[GenerationEngine]:
-        """An engine running the base model with adapter `adapter_id` merged in (`files` reads
-        the adapter when it is not the one loaded). One adapter at a time: a request for
-        another waits until the current adapter's requests are done, then replaces it."""
-        with self._adapter_turn:
-            while (
-                self._adapter_engine is not None
-                and self._adapter_engine[0] != adapter_id
-                and self._adapter_users
-            ):
-                self._adapter_turn.wait()
-            if self._adapter_engine is None or self._adapter_engine[0] != adapter_id:
-                if self._adapter_engine is not None:
-                    self._adapter_engine[1].stop()
-                    self._adapter_engine = None
-                log.info("loading HeartMuLa-oss-%s with adapter %s", self.model_version, adapter_id)
-                model = merge_adapter(self._base_model(), files())
-                engine = GenerationEngine(
-                    model, self.prompts(), max_rows=self.settings.engine_max_rows
+    def adapter(self, finetune: Job, resolver: InputResolver) -> AdapterRef:
+        """The LoRA adapter of a succeeded fine-tune, for the engine: its files are read from
+        the object store (in the job's thread) only when it is not resident. One trained on
+        another base model version cannot be served here."""
+
+        def files() -> dict[str, bytes]:
+            _, metadata = resolver.artifact(finetune, (METADATA,))
+            version = json.loads(metadata).get("model_version")
+            if version != self.model_version:
+                raise InputError(
+                    "adapter_id",
+                    f"adapter {finetune.id} was trained on HeartMuLa-oss-{version}; this worker "
+                    f"serves HeartMuLa-oss-{self.model_version}",
                 )
-                engine.start()
-                self._adapter_engine = (adapter_id, engine)
-            self._adapter_users += 1
-            engine = self._adapter_engine[1]
-        try:
-            yield engine
-        finally:
-            with self._adapter_turn:
-                self._adapter_users -= 1
-                self._adapter_turn.notify_all()
+            return {name: resolver.artifact(finetune, (name,))[1] for name in ADAPTER_FILES}
+
+        return AdapterRef(finetune.id, files)
 
     def preload(self, queues: set[str]) -> None:
         """Load what the consumed queues need, so the first job does not pay for it."""
@@ -219,5 +210,3 @@ class WorkerModels:
             self._engine.stop()
         if self._batcher is not None:
             self._batcher.stop()
-        if self._adapter_engine is not None:
-            self._adapter_engine[1].stop()

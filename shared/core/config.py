@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlparse
 
+from shared.core.lora_targets import LORA_PROJECTIONS, LORA_TARGETS
+
 PREFIX = "HEARTCLUSTER_"
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 LEASE_HEARTBEATS = 3  # heartbeats per lease period, at least
@@ -36,6 +38,11 @@ class Settings:
     device: str | None = None
     dtype: str | None = None
     engine_max_rows: int = 16
+    # LoRA adapters a GPU worker keeps on the device (one batch mixes them), the highest rank
+    # it serves (smaller ranks are zero-padded) and the projections it can adapt
+    adapter_slots: int = 8
+    adapter_max_rank: int = 64
+    adapter_targets: tuple[str, ...] = LORA_PROJECTIONS
     max_duration_s: float = 600.0
     max_lyrics_chars: int = 6000
     max_tags: int = 32
@@ -107,6 +114,9 @@ class Settings:
             device=reader.get("DEVICE", None, str),
             dtype=reader.get("DTYPE", None, _dtype),
             engine_max_rows=reader.get("ENGINE_MAX_ROWS", cls.engine_max_rows, _positive(int)),
+            adapter_slots=reader.get("ADAPTER_SLOTS", cls.adapter_slots, _non_negative_int),
+            adapter_max_rank=reader.get("ADAPTER_MAX_RANK", cls.adapter_max_rank, _positive(int)),
+            adapter_targets=reader.get("ADAPTER_TARGETS", cls.adapter_targets, _lora_targets),
             max_duration_s=reader.get("MAX_DURATION_S", cls.max_duration_s, _positive(float)),
             max_lyrics_chars=reader.get("MAX_LYRICS_CHARS", cls.max_lyrics_chars, _positive(int)),
             max_tags=reader.get("MAX_TAGS", cls.max_tags, _positive(int)),
@@ -294,6 +304,14 @@ def _bool(value: str) -> bool:
     if value.lower() in ("0", "false", "no", "off"):
         return False
     raise ValueError("expected 1/0, true/false, yes/no or on/off")
+
+
+def _lora_targets(value: str) -> tuple[str, ...]:
+    targets = tuple(t.strip() for t in value.split(",") if t.strip())
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    if unknown or not targets:
+        raise ValueError(f"expected a comma list of {', '.join(LORA_TARGETS)}; got {unknown}")
+    return targets
 
 
 def _redis_url(value: str) -> str:

@@ -29,6 +29,7 @@ from shared.core.inputs import (
     SourceJob,
     SourceUpload,
 )
+from shared.core.lora_targets import lora_projections
 from shared.core.prompt_text import prompt_counter
 from shared.core.schemas import (
     AUDIO_ARTIFACTS,
@@ -95,10 +96,36 @@ def _inherit_prompt(params: ExtendParams | InpaintParams, resolved: Resolved) ->
         params.lyrics = inherited.get("lyrics", "")
 
 
+def _check_adapter(params: Params, resolved: Resolved, settings: Settings) -> None:
+    """A song's adapter must be one the GPU workers can serve: its rank and targets as its
+    fine-tune recorded them, against HEARTCLUSTER_ADAPTER_* (the worker checks the files too)."""
+    finetune = resolved.adapters.get("adapter_id")
+    if finetune is None:
+        return
+    if settings.adapter_slots == 0:
+        raise InputError("adapter_id", "this cluster serves no adapters (ADAPTER_SLOTS is 0)")
+    rank = finetune.params.get("rank")
+    if rank is not None and rank > settings.adapter_max_rank:
+        raise InputError(
+            "adapter_id",
+            f"adapter {finetune.id} has rank {rank}; the GPU workers serve ranks up to "
+            f"{settings.adapter_max_rank} (HEARTCLUSTER_ADAPTER_MAX_RANK)",
+        )
+    served = set().union(*(lora_projections(t) for t in settings.adapter_targets))
+    unserved = [t for t in finetune.params.get("targets", ()) if lora_projections(t) - served]
+    if unserved:
+        raise InputError(
+            "adapter_id",
+            f"adapter {finetune.id} adapts {', '.join(unserved)}; the GPU workers serve "
+            f"{', '.join(settings.adapter_targets)} (HEARTCLUSTER_ADAPTER_TARGETS)",
+        )
+
+
 def _check_extend(params: Params, resolved: Resolved, settings: Settings) -> None:
     """Refuse at once what cannot fit the model's context: the prompt (the inherited tags and
     lyrics counted as the worker will), the song so far and the new frames."""
     assert isinstance(params, ExtendParams)
+    _check_adapter(params, resolved, settings)
     _inherit_prompt(params, resolved)
     field = "source_job_id" if params.source_job_id is not None else "upload_id"
     song_frames = resolved.frames(field)
@@ -116,6 +143,7 @@ def _check_extend(params: Params, resolved: Resolved, settings: Settings) -> Non
 
 def _check_inpaint(params: Params, resolved: Resolved, settings: Settings) -> None:
     assert isinstance(params, InpaintParams)
+    _check_adapter(params, resolved, settings)
     plan_gap(params.start_s, params.end_s, resolved.frames("source_job_id"))
     _inherit_prompt(params, resolved)
 
@@ -151,6 +179,7 @@ JOB_TYPES: dict[str, JobType] = {
             "gpu",
             inputs=(_ADAPTER,),
             artifacts=_SONG,
+            check=_check_adapter,
         ),
         JobType(
             "extend",

@@ -32,6 +32,7 @@ from shared.core.constants import (
 from shared.core.jobs import Job, Upload
 from shared.core.languages import ACCEPTED as LANGUAGE_NAMES
 from shared.core.languages import language_code
+from shared.core.lora_targets import LORA_PROJECTIONS, LORA_TARGETS
 from shared.core.prompt_text import prompt_counter
 from shared.core.text import clean_text
 
@@ -301,14 +302,6 @@ class TranscribeParams(Params):
     @classmethod
     def _one_source(cls, value: str | None, info: ValidationInfo) -> str | None:
         return _second_source(value, info, "source_job_id")
-
-
-# LoRA targets: a projection of both transformers (`q_proj`) or of one (`decoder.w1`).
-LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3")
-LORA_TARGETS = (
-    *LORA_PROJECTIONS,
-    *(f"{part}.{name}" for part in ("backbone", "decoder") for name in LORA_PROJECTIONS),
-)
 
 
 class FinetuneParams(Params):

@@ -1,4 +1,5 @@
-"""Engine speed: one song against a plain reference-style loop, N songs batched against in a row.
+"""Engine speed: one song against a plain reference-style loop, N songs batched against in a row,
+and N songs with 4 distinct LoRA adapters against the same N without.
 
     python tests/bench/bench_engine.py                      # tiny model, CPU (~1-2 minutes)
     python tests/bench/bench_engine.py --real-sizes --device cuda --requests 8
@@ -13,6 +14,7 @@ are compared, so that a machine shared with other work slows both alike. Random 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -21,8 +23,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import save as save_safetensors
 
-from shared.ml.generation.engine import GenerationEngine, GenerationRequest
+from shared.ml.generation.engine import (
+    AdapterCapacity,
+    AdapterRef,
+    GenerationEngine,
+    GenerationRequest,
+)
 from shared.ml.models.checkpoint import resolve_device, resolve_dtype
 from shared.ml.models.heartmula import HeartMuLaConfig
 from shared.ml.models.prompt import GenConfig, PromptBuilder
@@ -30,6 +38,8 @@ from shared.ml.models.tiny import BOS_TOKEN, EOS_TOKEN, build_tiny_tokenizer, ra
 from tests.bench.reference_loop import reference_generate
 
 REAL_3B = {"backbone_flavor": "llama-3B", "decoder_flavor": "llama-300M"}
+ADAPTERS = 4  # distinct adapters in the adapter batch
+ADAPTER_RANK = 16
 
 
 def build_engine(
@@ -41,7 +51,12 @@ def build_engine(
     cuda_graphs: bool = False,
 ) -> GenerationEngine:
     dev = resolve_device(device)
-    options = {"max_rows": rows, "compile": compile, "cuda_graphs": cuda_graphs}
+    options = {
+        "max_rows": rows,
+        "compile": compile,
+        "cuda_graphs": cuda_graphs,
+        "adapters": AdapterCapacity(slots=ADAPTERS, max_rank=ADAPTER_RANK),
+    }
     if not real_sizes:
         from shared.ml.models.tiny import write_tiny_models
 
@@ -52,6 +67,25 @@ def build_engine(
     gen = GenConfig(tokenizer.token_to_id(BOS_TOKEN), tokenizer.token_to_id(EOS_TOKEN))
     model = random_heartmula(HeartMuLaConfig.from_dict(REAL_3B), 0, resolve_dtype(dtype, dev), dev)
     return GenerationEngine(model, PromptBuilder(tokenizer, gen), **options)
+
+
+def random_adapter(engine: GenerationEngine, seed: int) -> AdapterRef:
+    """A rank-16 adapter on every projection the engine serves, random A and B, written in
+    PEFT's layout."""
+    assert engine.lora is not None
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, layer in engine.lora.layers.items():
+        out_dim, in_dim = layer.weight.shape
+        prefix = f"base_model.model.{name}"
+        tensors[f"{prefix}.lora_A.weight"] = torch.randn(ADAPTER_RANK, in_dim, generator=generator)
+        tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_dim, ADAPTER_RANK, generator=generator)
+    config = {"peft_type": "LORA", "r": ADAPTER_RANK, "lora_alpha": ADAPTER_RANK}
+    files = {
+        "adapter_config.json": json.dumps(config).encode(),
+        "adapter_model.safetensors": save_safetensors({k: v * 0.01 for k, v in tensors.items()}),
+    }
+    return AdapterRef(f"adapter-{seed}", lambda: files)
 
 
 def timed(engine: GenerationEngine, run: Callable[[], object]) -> float:
@@ -148,6 +182,18 @@ def main() -> None:
         f"sequential {n * frames / sequential:8.1f} frames/s"
     )
     print(f"batched/sequential ratio: {sequential / batched:.2f}")
+
+    adapters = [random_adapter(engine, seed) for seed in range(ADAPTERS)]
+    tuned = [replace(song, adapter=adapters[i % ADAPTERS]) for i, song in enumerate(songs)]
+    engine.generate([replace(song, duration_s=0.8) for song in tuned])  # install, warm shapes
+    with_adapters, plain = interleaved(
+        engine, lambda: engine.generate(tuned), lambda: engine.generate(songs), args.repeats
+    )
+    print(
+        f"N={n}, {ADAPTERS} adapters of rank {ADAPTER_RANK}: {n * frames / with_adapters:8.1f} "
+        f"frames/s, without {n * frames / plain:8.1f} frames/s"
+    )
+    print(f"adapters/plain throughput ratio: {plain / with_adapters:.2f}")
 
 
 if __name__ == "__main__":

@@ -112,3 +112,22 @@ def test_lease_periods_are_read_and_a_lease_must_outlive_missed_beats() -> None:
     assert (settings.lease_s, settings.heartbeat_s, settings.stop_grace_s) == (3.0, 1.0, 0.0)
     with pytest.raises(SettingsError, match="HEARTCLUSTER_LEASE_S=2.0 must be at least 3 x"):
         Settings.from_env({"HEARTCLUSTER_LEASE_S": "2", "HEARTCLUSTER_HEARTBEAT_S": "1"})
+
+
+def test_adapter_serving_settings_are_parsed_and_checked() -> None:
+    default = Settings.from_env({})
+    assert (default.adapter_slots, default.adapter_max_rank) == (8, 64)
+    assert "w2" in default.adapter_targets
+    settings = Settings.from_env(
+        {
+            "HEARTCLUSTER_ADAPTER_SLOTS": "0",
+            "HEARTCLUSTER_ADAPTER_MAX_RANK": "16",
+            "HEARTCLUSTER_ADAPTER_TARGETS": "q_proj, decoder.w1",
+        }
+    )
+    assert settings.adapter_slots == 0 and settings.adapter_max_rank == 16
+    assert settings.adapter_targets == ("q_proj", "decoder.w1")
+    with pytest.raises(SettingsError, match="HEARTCLUSTER_ADAPTER_TARGETS.*lm_head"):
+        Settings.from_env({"HEARTCLUSTER_ADAPTER_TARGETS": "q_proj,lm_head"})
+    with pytest.raises(SettingsError, match="HEARTCLUSTER_ADAPTER_MAX_RANK"):
+        Settings.from_env({"HEARTCLUSTER_ADAPTER_MAX_RANK": "0"})

@@ -5,6 +5,7 @@ items[i].field, tenant isolation, and adapter_id on song jobs."""
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,8 @@ def jobs(redis_client) -> JobStore:
 
 def _song_job(jobs: JobStore, store: LocalStore, tenant: str, frames: int, **fields) -> Job:
     """A succeeded job holding tokens.npy of `frames` frames."""
-    job = jobs.create(Job.new(tenant, fields.pop("type", "generate"), {"tags": "pop"}))
+    params = fields.pop("params", {"tags": "pop"})
+    job = jobs.create(Job.new(tenant, fields.pop("type", "generate"), params))
     buffer = io.BytesIO()
     np.save(buffer, np.zeros((8, frames), dtype=np.int32))
     store.put_bytes(artifact_key(tenant, job.id, "tokens.npy"), buffer.getvalue())
@@ -262,3 +264,57 @@ def test_adapter_id_must_be_a_succeeded_finetune_of_the_same_tenant(
         json={"type": "extend", "params": {"source_job_id": song.id, "adapter_id": adapter.id}},
     )
     assert extend.status_code == 404
+
+
+def test_an_adapter_the_gpu_workers_cannot_serve_is_refused_at_submit(
+    client, keys, jobs, store, settings, redis_client, celery
+) -> None:
+    """Rank over HEARTCLUSTER_ADAPTER_MAX_RANK, or a target outside ADAPTER_TARGETS: 422 naming
+    params.adapter_id; a servable one is accepted and the job shows its adapter_id."""
+
+    def finetune(rank: int, targets: list[str]) -> Job:
+        return _song_job(
+            jobs,
+            store,
+            "acme",
+            frames=1,
+            type="finetune",
+            params={"dataset_id": "d", "rank": rank, "targets": targets},
+            artifacts=["adapter_config.json", "adapter_model.safetensors", "metadata.json"],
+        )
+
+    def submit(test_client, adapter: Job, job_type: str = "generate", **params: object):
+        body = {"tags": "samba", "duration_s": 2, "adapter_id": adapter.id, **params}
+        return test_client.post(
+            "/v1/jobs", headers=keys["acme"], json={"type": job_type, "params": body}
+        )
+
+    too_big = finetune(settings.adapter_max_rank + 1, ["q_proj"])
+    refused = submit(client, too_big)
+    assert refused.status_code == 422 and refused.json["error"]["field"] == "params.adapter_id"
+    assert f"rank {settings.adapter_max_rank + 1}" in refused.json["error"]["message"]
+    song = _song_job(jobs, store, "acme", frames=50)
+    extend = submit(client, too_big, "extend", source_job_id=song.id)
+    assert extend.status_code == 422 and extend.json["error"]["field"] == "params.adapter_id"
+
+    servable = finetune(settings.adapter_max_rank, ["q_proj", "decoder.w1"])
+    ok = submit(client, servable)
+    assert ok.status_code == 202, ok.json
+    shown = client.get(f"/v1/jobs/{ok.json['id']}", headers=keys["acme"])
+    assert shown.json["params"]["adapter_id"] == servable.id
+
+    attention_only = replace(settings, adapter_targets=("q_proj", "k_proj", "v_proj"))
+    narrow = create_app(
+        attention_only, redis_client=redis_client, store=store, celery_app=celery
+    ).test_client()
+    unserved = submit(narrow, servable)
+    assert unserved.status_code == 422 and unserved.json["error"]["field"] == "params.adapter_id"
+    assert "decoder.w1" in unserved.json["error"]["message"]
+    assert submit(narrow, finetune(4, ["backbone.q_proj", "v_proj"])).status_code == 202
+    no_slots = create_app(
+        replace(settings, adapter_slots=0),
+        redis_client=redis_client,
+        store=store,
+        celery_app=celery,
+    ).test_client()
+    assert submit(no_slots, servable).json["error"]["field"] == "params.adapter_id"

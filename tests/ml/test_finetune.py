@@ -13,12 +13,13 @@ import torch
 from peft import PeftModel
 
 from shared.core.progress import Aborted
-from shared.ml.generation.engine import GenerationEngine
+from shared.ml.generation.engine import AdapterCapacity, AdapterRef, GenerationEngine
 from shared.ml.generation.request import GenerationRequest
 from shared.ml.models.heartmula import HeartMuLa, load_heartmula
+from shared.ml.models.multi_lora import MultiLoRA
 from shared.ml.models.prompt import PromptBuilder
 from shared.ml.training.data import DataOrder, SongItem, cut_examples, split_examples
-from shared.ml.training.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merge_adapter, target_pattern
+from shared.ml.training.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, target_pattern
 from shared.ml.training.trainer import TrainConfig, Trainer, lr_factor
 from tests.ml.finetune_support import (
     TAG,
@@ -63,10 +64,15 @@ def prompts(tiny_model_dir: Path) -> PromptBuilder:
     return PromptBuilder.from_model_dir(tiny_model_dir)
 
 
-def _pattern_rates(model: HeartMuLa, prompts: PromptBuilder) -> tuple[float, float]:
-    engine = GenerationEngine(model, prompts, max_rows=8)
+def _pattern_rates(
+    model: HeartMuLa, prompts: PromptBuilder, files: dict[str, bytes] | None = None
+) -> tuple[float, float]:
+    """Pattern rates of songs under the new tag, with the adapter in `files` if given."""
+    capacity = AdapterCapacity(slots=1, max_rank=16)
+    engine = GenerationEngine(model, prompts, max_rows=8, adapters=capacity)
+    adapter = None if files is None else AdapterRef("tuned", lambda: files)
     requests = [
-        GenerationRequest(tags=TAG, duration_s=3.2, seed=seed, stop_at_eos=False)
+        GenerationRequest(tags=TAG, duration_s=3.2, seed=seed, stop_at_eos=False, adapter=adapter)
         for seed in range(4)
     ]
     rates = [pattern_rate(result.tokens) for result in engine.generate(requests)]
@@ -98,9 +104,7 @@ def test_a_short_fine_tune_learns_a_new_tags_token_pattern(
     assert last["val_loss_codebooks_1_7"] < first["val_loss_codebooks_1_7"] / 2
 
     base_c0, base_books = _pattern_rates(copy.deepcopy(base), prompts)
-    tuned_c0, tuned_books = _pattern_rates(
-        merge_adapter(copy.deepcopy(base), result.files), prompts
-    )
+    tuned_c0, tuned_books = _pattern_rates(copy.deepcopy(base), prompts, result.files)
     assert base_c0 < 0.05 and base_books < 0.05
     assert tuned_c0 > 0.6 and tuned_books > 0.5
 
@@ -157,13 +161,12 @@ def test_the_adapter_is_in_peft_format_and_loads_with_peft(
     assert config["peft_type"] == "LORA" and config["r"] == 16 and config["lora_alpha"] == 32
 
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
-    merged_by_peft = loaded.merge_and_unload()
-    merged_here = merge_adapter(copy.deepcopy(base), files)
-    weight = "backbone.layers.0.attn.q_proj.weight"
-    torch.testing.assert_close(
-        merged_by_peft.state_dict()[weight], merged_here.state_dict()[weight]
-    )
-    assert not torch.equal(merged_here.state_dict()[weight], base.state_dict()[weight])
+    by_peft = loaded.base_model.model.backbone.layers[0].attn.q_proj
+    served = MultiLoRA(copy.deepcopy(base), AdapterCapacity(slots=1, max_rank=16)).read(files)
+    a, b = served.layers["backbone.layers.0.attn.q_proj"]  # [in, r], [r, out] (scaled)
+    torch.testing.assert_close(a, by_peft.lora_A["default"].weight.T)
+    torch.testing.assert_close(b, by_peft.lora_B["default"].weight.T * by_peft.scaling["default"])
+    assert b.abs().sum() > 0  # trained: B has left zero
     # the base model is untouched by training (LoRA layers were taken out again)
     assert not any("lora" in name for name in base.state_dict())
 

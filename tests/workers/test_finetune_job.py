@@ -184,19 +184,52 @@ def test_a_cancelled_fine_tune_stops_and_keeps_nothing(runner: JobRunner) -> Non
     assert not [path for path in job_dir.rglob("*") if path.is_file()]
 
 
-def test_a_song_job_with_the_adapter_runs_on_the_merged_model(runner: JobRunner) -> None:
+def test_song_jobs_with_the_adapter_run_or_fail_clearly_where_it_cannot_be_served(
+    runner: JobRunner, env: dict[str, str], redis_client: redis.Redis
+) -> None:
     dataset_id = _dataset(runner)
     adapter = _finetune(runner, dataset_id)
     runner.run(adapter.id)
-    song = runner.jobs.create(
-        Job.new(
-            "acme",
-            "generate",
-            {"tags": TAG, "duration_s": 0.8, "seed": 1, "adapter_id": adapter.id},
-        )
+
+    def song(on: JobRunner) -> Job:
+        params = {"tags": TAG, "duration_s": 0.8, "seed": 1, "adapter_id": adapter.id}
+        job = on.jobs.create(Job.new("acme", "generate", params))
+        on.run(job.id)
+        return on.jobs.get(job.id)
+
+    # trained on another base model version: the worker refuses to read it
+    key = artifact_key(adapter.tenant, adapter.id, "metadata.json")
+    recorded = runner.objects.get_bytes(key)
+    runner.objects.put_bytes(
+        key, json.dumps({**json.loads(recorded), "model_version": "7B"}).encode()
     )
-    runner.run(song.id)
-    finished = runner.jobs.get(song.id)
+    other_base = song(runner)
+    assert other_base.state == "failed" and other_base.error is not None
+    assert "adapter_id" in other_base.error["message"]
+    assert "HeartMuLa-oss-7B" in other_base.error["message"]
+    runner.objects.put_bytes(key, recorded)
+
+    finished = song(runner)
     assert finished.state == "succeeded", finished.error
     metadata = json.loads(_artifact(runner, finished, "metadata.json"))
     assert metadata["adapter_id"] == adapter.id
+
+    # a worker serving lower ranks than the adapter's (PARAMS rank 4) fails the job, naming it
+    settings = Settings.from_env({**env, "HEARTCLUSTER_ADAPTER_MAX_RANK": "2"})
+    small = JobRunner(
+        settings,
+        JobStore(redis_client),
+        runner.objects,
+        WorkerModels(settings),
+        UploadStore(redis_client),
+        enqueue=lambda job: None,
+        scheduler=FairScheduler(redis_client, Quotas()),
+        wake=lambda queue: None,
+        worker="small",
+    )
+    try:
+        refused = song(small)
+    finally:
+        small.close()
+    assert refused.state == "failed" and refused.error is not None
+    assert "adapter_id" in refused.error["message"] and "rank 4" in refused.error["message"]

@@ -6,6 +6,10 @@ last frames, prefill new requests, sample one frame for all rows), and the Sched
 the frames, ending requests that are done and freeing their rows. Workers call `submit` from
 many threads while `start()` runs the loop in one thread; tests and one-shot runs call
 `generate`, which drives the same loop inline.
+
+With `adapters` (an AdapterCapacity), requests may name a LoRA adapter: rows with different
+adapters and rows without one share every step (shared/ml/models/multi_lora.py), the adapters
+staying resident in device slots, least recently used evicted first (adapter_slots.py).
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shared.core.progress import AbortCheck, Progress
+from shared.ml.generation.adapter_slots import AdapterSlots
 from shared.ml.generation.model_runner import ModelRunner
 from shared.ml.generation.request import (
+    AdapterRef,
     ContextOverflowError,
     FinishReason,
     GenerationHandle,
@@ -27,9 +33,12 @@ from shared.ml.generation.request import (
 from shared.ml.generation.scheduler import Scheduler
 from shared.ml.models.checkpoint import resolve_device, resolve_dtype
 from shared.ml.models.heartmula import HeartMuLa, heartmula_folder, load_heartmula
+from shared.ml.models.multi_lora import AdapterCapacity, AdapterError, LoRAWeights, MultiLoRA
 from shared.ml.models.prompt import PromptBuilder
 
 __all__ = [
+    "AdapterCapacity",
+    "AdapterRef",
     "ContextOverflowError",
     "FinishReason",
     "GenerationEngine",
@@ -49,18 +58,33 @@ class GenerationEngine:
         max_seq_len: int | None = None,
         compile: bool = False,
         cuda_graphs: bool = False,
+        adapters: AdapterCapacity | None = None,
     ) -> None:
         """`compile`: torch.compile the frame step (one variant per step shape; slow to
-        compile on CPU). `cuda_graphs`: replay one CUDA graph per step shape (CUDA only)."""
+        compile on CPU). `cuda_graphs`: replay one CUDA graph per step shape (CUDA only).
+        `adapters`: serve LoRA adapters (wraps the model's adapted projections in place)."""
         eos_id = prompts.gen_config.audio_eos_id  # gen_config.json, 8193 when official
         self.model = model
         self.prompts = prompts
         self.max_rows = max_rows
+        self.lora = MultiLoRA(model, adapters) if adapters and adapters.slots else None
         self.runner = ModelRunner(
-            model, prompts, eos_id, max_rows, max_seq_len, compile=compile, cuda_graphs=cuda_graphs
+            model,
+            prompts,
+            eos_id,
+            max_rows,
+            max_seq_len,
+            compile=compile,
+            cuda_graphs=cuda_graphs,
+            adapters=self.lora,
         )
         self.scheduler = Scheduler(
-            max_rows, self.runner.context, eos_id, model.config.audio_num_codebooks
+            max_rows,
+            self.runner.context,
+            eos_id,
+            model.config.audio_num_codebooks,
+            AdapterSlots(self.lora.capacity.slots) if self.lora is not None else None,
+            self.read_adapter if self.lora is not None else None,
         )
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -75,6 +99,7 @@ class GenerationEngine:
         max_rows: int = 16,
         compile: bool = False,
         cuda_graphs: bool = False,
+        adapters: AdapterCapacity | None = None,
     ) -> GenerationEngine:
         """Load tokenizer, gen_config and HeartMuLa-oss-{version} from a model directory."""
         dev = resolve_device(device)
@@ -85,6 +110,7 @@ class GenerationEngine:
             max_rows=max_rows,
             compile=compile,
             cuda_graphs=cuda_graphs,
+            adapters=adapters,
         )
 
     @property
@@ -122,6 +148,15 @@ class GenerationEngine:
         while not all(h.done() for h in handles):
             self.step()
         return [h.result() for h in handles]
+
+    def read_adapter(self, adapter: AdapterRef) -> LoRAWeights:
+        """Read and check an adapter's files for this engine (RequestError naming adapter_id
+        if it cannot be served)."""
+        assert self.lora is not None  # the scheduler reads adapters only where they are served
+        try:
+            return self.lora.read(adapter.files())
+        except AdapterError as error:
+            raise RequestError("adapter_id", f"adapter {adapter.id}: {error}") from None
 
     # ----- background loop --------------------------------------------------------------------
 

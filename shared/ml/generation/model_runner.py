@@ -11,6 +11,11 @@ sampling) runs on the lowest `bucket` rows, a power of two, with the attention l
 up to a power of two and top-k to a power of two: static shapes per (rows, keys, k), which is
 what `torch.compile` and CUDA graphs (one graph per shape, CUDA only) need. Who runs where is the
 scheduler's business.
+
+With LoRA adapters (`MultiLoRA`), each row also holds its adapter's slot: written when it joins,
+reset when it leaves; adapters the plan installs are copied into their slots before the
+prefill, and every model call tells the adapted projections the slots of its rows. A step with
+no adapter row skips the low-rank updates altogether (`StepShape.adapters`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from shared.core.constants import CODEC_CODES
 from shared.ml.generation.plan import Prefill, StepOutput, StepPlan
 from shared.ml.generation.sampling import RowSampling, TokenSampler
 from shared.ml.models.heartmula import HeartMuLa
+from shared.ml.models.multi_lora import MultiLoRA
 from shared.ml.models.prompt import PromptBuilder
 
 # Decode attention reads at least this many cache positions, then powers of two, so that a
@@ -45,6 +51,7 @@ class StepShape:
     rows: int  # batch rows 0..rows-1 run (a power of two, at most max_rows)
     kv_len: int  # cache positions attended
     top_k: int  # top-k width of the sampler
+    adapters: bool = False  # some row has a LoRA adapter
 
 
 class RowState:
@@ -69,6 +76,7 @@ class RowState:
         self.top_k = zeros(rows) + 1
         self.seed = zeros(rows)
         self.eos_allowed = zeros(rows, dtype=torch.bool)
+        self.adapter_slot = zeros(rows)  # its LoRA adapter's slot; 0: none
 
     def sampling(self, shape: StepShape) -> RowSampling:
         n = shape.rows
@@ -108,6 +116,7 @@ class ModelRunner:
         max_seq_len: int | None = None,
         compile: bool = False,
         cuda_graphs: bool = False,
+        adapters: MultiLoRA | None = None,
     ) -> None:
         config = model.config
         if not CODEC_CODES < eos_id < config.audio_vocab_size:
@@ -120,6 +129,7 @@ class ModelRunner:
         self.model = model
         self.prompts = prompts
         self.max_rows = max_rows
+        self.adapters = adapters
         model.setup_caches(max_rows, max_seq_len)
         self.context = model.backbone.cache_len
         invalid = [CODEC_CODES, *range(eos_id + 1, config.audio_vocab_size)]
@@ -130,6 +140,7 @@ class ModelRunner:
         # Host mirrors (set at join and release only): which rows run, and their top-k.
         self._active = [False] * max_rows
         self._top_k = [0] * max_rows
+        self._adapter_slot = [0] * max_rows
         self._step: Callable[[StepShape], torch.Tensor] = self.frame_step
         if compile:
             # One compiled variant per StepShape; allow as many as the shapes we may meet.
@@ -144,12 +155,18 @@ class ModelRunner:
         """Release rows, prefill newcomers, then sample one frame for every running row."""
         if plan.released:
             self.release(plan.released)
+        for install in plan.installs:
+            assert self.adapters is not None  # the scheduler plans installs only with slots
+            self.adapters.install(install.slot, install.weights)
         failed = self.admit(plan.prefills)
         if not any(self._active):
             return StepOutput(None, failed)
         positions = [f.position for f in plan.feeds]
         positions += [p.prompt.length + _history_len(p) for p in plan.prefills]
-        codes = self.run_step(self.shape(max(positions) + 1))
+        try:
+            codes = self.run_step(self.shape(max(positions) + 1))
+        finally:
+            self._select(None)  # outside a step the model is the base model
         return StepOutput(codes.to("cpu", torch.int32).numpy(), failed)
 
     # ----- joins and leaves -------------------------------------------------------------------
@@ -160,10 +177,12 @@ class ModelRunner:
         for t in (self.state.active, self.state.fed):
             t[index] = False
         self.state.position[index] = 0
+        self.state.adapter_slot[index] = 0
         for t in (self.state.cond, self.state.uncond):
             t[index] = index  # an idle row draws from itself: always inside any bucket
         for r in rows:
             self._active[r] = False
+            self._adapter_slot[r] = 0
 
     def admit(self, prefills: Sequence[Prefill]) -> dict[int, Exception]:
         """Prefill all newcomers in one call; if that fails, one by one to find who fails."""
@@ -193,7 +212,7 @@ class ModelRunner:
         cache positions that the row's first frames overwrite before anyone attends to them.
         """
         device = self.model.device
-        embedded, rows, last = [], [], []
+        embedded, rows, last, slots = [], [], [], []
         for p in prefills:
             tokens, mask = p.prompt.tokens, p.prompt.mask  # [L, 9]
             if p.history is not None:
@@ -210,13 +229,18 @@ class ModelRunner:
             embedded.append(x)
             rows += p.rows
             last += [tokens.shape[0] - 1] * b
+            slots += [p.adapter_slot] * b
         length = max(x.shape[1] for x in embedded)
         x = torch.cat(
             [torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[1])) for x in embedded]
         )
         positions = torch.arange(length, device=device).expand(len(rows), -1)
         index = torch.tensor(rows, device=device)
-        out = self.model.backbone(x, positions, index, kv_len=length)  # [B, length, D]
+        self._select(torch.tensor(slots, device=device) if any(slots) else None)
+        try:
+            out = self.model.backbone(x, positions, index, kv_len=length)  # [B, length, D]
+        finally:
+            self._select(None)
         self.state.hidden[index] = out[torch.arange(len(rows), device=device), last]
 
     def join(self, prefills: Sequence[Prefill]) -> None:
@@ -230,6 +254,7 @@ class ModelRunner:
                 rows.append(r)
                 self._active[r] = True
                 self._top_k[r] = d.top_k
+                self._adapter_slot[r] = p.adapter_slot
                 values["cond"].append(d.cond_row)
                 values["uncond"].append(d.uncond_row)
                 values["cfg_scale"].append(d.cfg_scale)
@@ -239,6 +264,7 @@ class ModelRunner:
                 values["frame"].append(d.frame)
                 values["eos_allowed"].append(d.eos_allowed)
                 values["position"].append(p.prompt.length + _history_len(p))
+                values["adapter_slot"].append(p.adapter_slot)
         index = torch.tensor(rows, device=self.model.device)
         for name, column in values.items():
             target = getattr(self.state, name)
@@ -255,6 +281,9 @@ class ModelRunner:
             rows=min(power_of_two_at_least(highest + 1), self.max_rows),
             kv_len=min(power_of_two_at_least(positions_needed, KV_BLOCK), self.context),
             top_k=min(power_of_two_at_least(top_k), self.sampler.vocab_size),
+            adapters=any(
+                slot and a for slot, a in zip(self._adapter_slot, self._active, strict=True)
+            ),
         )
 
     def run_step(self, shape: StepShape) -> torch.Tensor:
@@ -290,6 +319,7 @@ class ModelRunner:
         their first frame is fed there. Returns the new codes [rows, 8] (a view of the state).
         """
         s, n = self.state, shape.rows
+        self._select(s.adapter_slot[:n] if shape.adapters else None)
         fed = s.fed[:n]
         x = self.model.embed_frames(s.codes[:n].unsqueeze(1))  # [n, 1, D]
         out = self.model.backbone(x, s.position[:n].unsqueeze(1), slice(0, n), shape.kv_len)
@@ -306,6 +336,11 @@ class ModelRunner:
         s.fed[:n] = s.active[:n]
         return s.codes[:n]
 
+    def _select(self, slots: torch.Tensor | None) -> None:
+        """The adapter slots of the next model call's rows (None: no adapters)."""
+        if self.adapters is not None:
+            self.adapters.select(slots)
+
 
 _DRAW_FIELDS = (
     "cond",
@@ -317,6 +352,7 @@ _DRAW_FIELDS = (
     "frame",
     "eos_allowed",
     "position",
+    "adapter_slot",
 )
 
 

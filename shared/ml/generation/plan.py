@@ -7,6 +7,7 @@ reaches into the other's state.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,15 @@ class Prefill:
     prompt: Prompt
     history: np.ndarray | None  # [8, T] codes to continue from
     draw: SamplingParams  # its first new frame
+    adapter_slot: int = 0  # its LoRA adapter's slot; 0: none
+
+
+@dataclass(frozen=True)
+class AdapterInstall:
+    """An adapter to copy into a device slot before this step's prefill."""
+
+    slot: int
+    weights: Any  # the engine's checked adapter weights (opaque to the scheduler)
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,7 @@ class StepPlan:
     feeds: list[Feed]
     prefills: list[Prefill]
     released: list[int] = field(default_factory=list)  # rows freed since the last plan
+    installs: list[AdapterInstall] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Literal
@@ -29,6 +30,15 @@ class ContextOverflowError(RequestError):
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """A request's LoRA adapter: its id, and how to read its files (PEFT format) when it is
+    not resident; that read runs in the submitting thread, never in the engine's loop."""
+
+    id: str
+    files: Callable[[], dict[str, bytes]]
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     tags: str
     lyrics: str = ""
@@ -39,6 +49,7 @@ class GenerationRequest:
     seed: int = 0
     history: np.ndarray | None = None  # [8, T] codes to continue from
     stop_at_eos: bool = True  # False: audio EOS is never sampled, every frame is filled
+    adapter: AdapterRef | None = None  # its rows add this LoRA adapter's update
 
     @property
     def frames(self) -> int:

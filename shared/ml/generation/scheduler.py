@@ -5,8 +5,11 @@ unconditional row) from admission until it ends; then its rows go to the next re
 step the scheduler drops aborted requests (so an abort costs at most one frame), lists the
 running requests whose last frame is fed, and admits waiting requests into free rows, first
 come first served; after the runner's step it records every sampled frame and ends the
-requests that are done. Policies (priorities, fairness, per-request adapters, preemption)
-change this module only.
+requests that are done. A request with a LoRA adapter also needs the adapter in a device slot:
+resident already (pinned at submit), or claimed at admission (a free or least recently used
+unreferenced slot, installed by the runner before the prefill); while every slot is referenced
+it waits and the requests behind it go ahead. Policies (priorities, fairness, adapters,
+preemption) change this module only.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import numpy as np
 
 from shared.core.constants import FRAME_S
 from shared.core.progress import AbortCheck, Progress
-from shared.ml.generation.plan import Feed, Prefill, StepOutput, StepPlan
+from shared.ml.generation.adapter_slots import AdapterSlots
+from shared.ml.generation.plan import AdapterInstall, Feed, Prefill, StepOutput, StepPlan
 from shared.ml.generation.request import (
+    AdapterRef,
     ContextOverflowError,
     FinishReason,
     GenerationHandle,
@@ -49,6 +54,8 @@ class RequestState:
     rows: list[int] = field(default_factory=list)  # [conditional(, unconditional)] once running
     next_position: int = 0  # where its last sampled frame enters the backbone
     frames: list[np.ndarray] = field(default_factory=list)  # [8] codes each
+    adapter_slot: int = 0  # the adapter slot it references; 0: none (yet)
+    adapter_weights: object = None  # read at submit when its adapter was not resident
 
     def aborted(self) -> bool:
         return self.handle.cancel_requested or bool(self.should_abort and self.should_abort())
@@ -68,8 +75,20 @@ class RequestState:
         )
 
 
+# Reads a request's adapter (in the submitting thread) into what the runner installs.
+AdapterReader = Callable[[AdapterRef], object]
+
+
 class Scheduler:
-    def __init__(self, max_rows: int, context: int, eos_id: int, num_codebooks: int) -> None:
+    def __init__(
+        self,
+        max_rows: int,
+        context: int,
+        eos_id: int,
+        num_codebooks: int,
+        adapter_slots: AdapterSlots | None = None,
+        read_adapter: AdapterReader | None = None,
+    ) -> None:
         self.max_rows = max_rows
         self.context = context  # positions per row: prompt + history + new frames must fit
         self.eos_id = eos_id  # a sampled code at or above it ends the song
@@ -80,6 +99,8 @@ class Scheduler:
         self._pending: deque[RequestState] = deque()
         self._ids = itertools.count()
         self._lock = threading.Condition()  # guards _pending: submitters run on other threads
+        self.adapter_slots = adapter_slots
+        self._read_adapter = read_adapter
 
     @property
     def num_running(self) -> int:
@@ -119,10 +140,23 @@ class Scheduler:
             )
         handle = GenerationHandle(prompt.length)
         state = RequestState(next(self._ids), request, prompt, handle, on_progress, should_abort)
+        if request.adapter is not None:
+            self._hold_adapter(state, request.adapter)
         with self._lock:
             self._pending.append(state)
             self._lock.notify_all()
         return handle
+
+    def _hold_adapter(self, state: RequestState, adapter: AdapterRef) -> None:
+        """Pin the adapter's slot if it is resident, else read it here (the submitter's
+        thread), so that the engine's loop never waits on a read."""
+        if self.adapter_slots is None or self._read_adapter is None:
+            raise RequestError("adapter_id", "this engine serves no adapters")
+        slot = self.adapter_slots.pin_resident(adapter.id)
+        if slot is not None:
+            state.adapter_slot = slot
+        else:
+            state.adapter_weights = self._read_adapter(adapter)
 
     def wait_for_work(self, stopping: Callable[[], bool]) -> None:
         """Block until a request waits or runs, or `stopping()` holds (see `wake`)."""
@@ -143,9 +177,9 @@ class Scheduler:
             self._finish(state, "aborted")
         self._drop_aborted_pending()
         feeds = [self._feed(state) for state in self._running.values()]
-        prefills = self._admit()
+        prefills, installs = self._admit()
         released, self._released = self._released, []
-        return StepPlan(feeds, prefills, released)
+        return StepPlan(feeds, prefills, released, installs)
 
     def update_from_output(self, plan: StepPlan, output: StepOutput) -> None:
         """Record each request's new frame; end those that sampled EOS or are long enough."""
@@ -169,6 +203,7 @@ class Scheduler:
         with self._lock:
             pending, self._pending = list(self._pending), deque()
         for state in pending:
+            self._unpin(state)
             state.handle.future.set_exception(error)
 
     def _feed(self, state: RequestState) -> Feed:
@@ -184,21 +219,25 @@ class Scheduler:
             for state in aborted:
                 self._pending.remove(state)
         for state in aborted:
+            self._unpin(state)
             self._resolve(state, "aborted")
 
-    def _admit(self) -> list[Prefill]:
-        """Waiting requests take the lowest free rows, first come first served."""
-        prefills = []
-        while True:
+    def _admit(self) -> tuple[list[Prefill], list[AdapterInstall]]:
+        """Waiting requests take the lowest free rows, first come first served; one whose
+        adapter finds no slot stays waiting and the next one goes ahead."""
+        prefills: list[Prefill] = []
+        installs: list[AdapterInstall] = []
+        with self._lock:
+            waiting = list(self._pending)
+        for state in waiting:
+            free = self.free_rows
+            needed = 2 if state.request.guided else 1
+            if len(free) < needed:
+                break
+            if not self._place_adapter(state, installs):
+                continue
             with self._lock:
-                if not self._pending:
-                    break
-                state = self._pending[0]
-                free = self.free_rows
-                needed = 2 if state.request.guided else 1
-                if len(free) < needed:
-                    break
-                self._pending.popleft()
+                self._pending.remove(state)
             state.rows = free[:needed]
             for r in state.rows:
                 self._rows[r] = state.id
@@ -206,10 +245,30 @@ class Scheduler:
             self._running[state.id] = state
             prefills.append(
                 Prefill(
-                    state.id, list(state.rows), state.prompt, state.request.history, state.draw()
+                    state.id,
+                    list(state.rows),
+                    state.prompt,
+                    state.request.history,
+                    state.draw(),
+                    state.adapter_slot,
                 )
             )
-        return prefills
+        return prefills, installs
+
+    def _place_adapter(self, state: RequestState, installs: list[AdapterInstall]) -> bool:
+        """Whether the request's adapter (if any) has a slot now, claiming one if needed."""
+        adapter = state.request.adapter
+        if adapter is None or state.adapter_slot:
+            return True
+        assert self.adapter_slots is not None  # add() refused adapters without slots
+        claimed = self.adapter_slots.claim(adapter.id)
+        if claimed is None:
+            return False  # every slot is referenced: wait for one to free
+        state.adapter_slot, install = claimed
+        if install:
+            installs.append(AdapterInstall(state.adapter_slot, state.adapter_weights))
+        state.adapter_weights = None
+        return True
 
     def _record_frame(self, state: RequestState, frame: np.ndarray) -> None:
         if (frame >= self.eos_id).any():
@@ -233,6 +292,12 @@ class Scheduler:
             self._rows[r] = None
         self._released.extend(state.rows)
         del self._running[state.id]
+        self._unpin(state)
+
+    def _unpin(self, state: RequestState) -> None:
+        if state.adapter_slot and self.adapter_slots is not None:
+            self.adapter_slots.unpin(state.adapter_slot)
+        state.adapter_slot = 0
 
     def _finish(self, state: RequestState, reason: FinishReason) -> None:
         self._release(state)

@@ -11,10 +11,9 @@ from collections.abc import Sequence
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from shared.core.schemas import LORA_PROJECTIONS
+from shared.core.lora_targets import LORA_PROJECTIONS, lora_projections
 from shared.ml.models.heartmula import HeartMuLa
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -22,19 +21,15 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Where each projection LoRA may target lives in a layer: SwiGLU w1/w2/w3 in `mlp`, the rest
 # in `attn`.
 BLOCK = {name: "mlp" if name.startswith("w") else "attn" for name in LORA_PROJECTIONS}
-PARTS = ("backbone", "decoder")
 
 
 def target_pattern(targets: Sequence[str]) -> str:
     """A PEFT target regex from names like `q_proj` (both transformers) or `decoder.w1`."""
-    alternatives = []
-    for target in targets:
-        part, _, name = target.rpartition(".")
-        parts = [part] if part else list(PARTS)
-        if name not in BLOCK or not set(parts) <= set(PARTS):
-            raise ValueError(f"unknown LoRA target {target!r}")
-        for p in parts:
-            alternatives.append(rf"{p}\.layers\.\d+\.{BLOCK[name]}\.{re.escape(name)}")
+    alternatives = [
+        rf"{part}\.layers\.\d+\.{BLOCK[name]}\.{re.escape(name)}"
+        for target in targets
+        for part, name in sorted(lora_projections(target))
+    ]
     return rf"^(?:{'|'.join(alternatives)})$"
 
 
@@ -80,19 +75,3 @@ def adapter_weights(peft_model: PeftModel) -> dict[str, torch.Tensor]:
 
 def load_adapter_weights(peft_model: PeftModel, weights: dict[str, torch.Tensor]) -> None:
     set_peft_model_state_dict(peft_model, weights)
-
-
-def merge_adapter(model: HeartMuLa, files: dict[str, bytes]) -> HeartMuLa:
-    """`model` (a copy the caller owns) with the adapter merged into its weights: generation
-    then runs at the base model's speed with no LoRA code on its path."""
-    saved = json.loads(files[ADAPTER_CONFIG])
-    config = LoraConfig(**{k: v for k, v in saved.items() if k in _CONFIG_FIELDS - {"peft_type"}})
-    weights = load_safetensors(files[ADAPTER_WEIGHTS])
-    peft_model = get_peft_model(model, config)
-    result = set_peft_model_state_dict(peft_model, weights)
-    if result.unexpected_keys:
-        raise ValueError(f"adapter weights the model does not have: {result.unexpected_keys[:3]}")
-    return peft_model.merge_and_unload()
-
-
-_CONFIG_FIELDS = set(LoraConfig.__dataclass_fields__)
