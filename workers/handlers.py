@@ -162,12 +162,10 @@ def _song_output(ctx: JobContext, song: Song, **extra: object) -> Output:
 def generate(ctx: JobContext) -> Output:
     params = ctx.params
     assert isinstance(params, GenerateParams)
-    models = ctx.models
     with _engine(ctx) as engine:
         song = generate_song(
             engine,
-            models.codec(),
-            models.codec_lock,
+            ctx.models.codec_batcher(),
             _request(params, ctx.seed),
             ctx.progress,
             ctx.should_abort,
@@ -187,12 +185,10 @@ def extend(ctx: JobContext) -> Output:
         field = "upload_id"
         parent = ctx.resolver.job(ctx.job.tenant, ctx.job.parent_job_id or "", _PARENT_TOKENS)
     history = ctx.resolver.tokens(parent, field)
-    models = ctx.models
     with _engine(ctx) as engine:
         song = generate_song(
             engine,
-            models.codec(),
-            models.codec_lock,
+            ctx.models.codec_batcher(),
             _request(params, ctx.seed, history=history),
             ctx.progress,
             ctx.should_abort,
@@ -208,12 +204,10 @@ def inpaint(ctx: JobContext) -> Output:
     tokens = ctx.resolver.tokens(parent, "source_job_id")
     audio = _song_audio(ctx, parent)
     gap = plan_gap(params.start_s, params.end_s, tokens.shape[1])
-    models = ctx.models
     with _engine(ctx) as engine:
         song = inpaint_song(
             engine,
-            models.codec(),
-            models.codec_lock,
+            ctx.models.codec_batcher(),
             tokens,
             audio,
             gap,
@@ -248,11 +242,10 @@ def decode(ctx: JobContext) -> Output:
         tokens = read_tokens(ctx.resolver.upload_bytes(upload), "tokens_upload_id")
     ctx.progress("decoding", 0.0, 0, tokens.shape[1])
     audio = decode_tokens(
-        ctx.models.codec(),
+        ctx.models.codec_batcher(),
         tokens,
         seed=ctx.seed,
         steps=params.steps,
-        lock=ctx.models.codec_lock,
         progress=ctx.progress,
         should_abort=ctx.should_abort,
     )

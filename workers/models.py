@@ -27,7 +27,7 @@ import torch
 
 from shared.core.config import Settings
 from shared.ml.codec.batching import CodecBatcher
-from shared.ml.codec.decoder import HeartCodecDecoder, load_codec
+from shared.ml.codec.decoder import load_codec
 from shared.ml.codec.encoder import EncoderNotFoundError, HeartCodecEncoder, load_encoder
 from shared.ml.generation.engine import GenerationEngine
 from shared.ml.models.checkpoint import CheckpointError, resolve_device, resolve_dtype
@@ -36,6 +36,7 @@ from shared.ml.models.prompt import PromptBuilder
 from shared.ml.models.tiny import NOISE_WARNING, TINY_VERSION, write_tiny_models
 from shared.ml.training.lora import merge_adapter
 from shared.ml.transcribe import Transcriber, load_transcriber
+from workers import metrics
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,8 @@ class WorkerModels:
         folder = heartmula_folder(self.model_dir, settings.model_version)
         self.model_version = folder.name.removeprefix("HeartMuLa-oss-")
         self.tiny = self.model_version == TINY_VERSION
-        self.codec_lock = threading.Lock()  # one codec decode at a time per process
         self._load_lock = threading.Lock()
         self._engine: GenerationEngine | None = None
-        self._codec: HeartCodecDecoder | None = None
         self._batcher: CodecBatcher | None = None
         self._encoder: HeartCodecEncoder | None = None
         self._transcriber: Transcriber | None = None
@@ -105,20 +104,14 @@ class WorkerModels:
                 self._engine = engine
             return self._engine
 
-    def codec(self) -> HeartCodecDecoder:
-        with self._load_lock:
-            if self._codec is None:
-                log.info("loading the HeartCodec decoder from %s", self.model_dir)
-                self._codec = load_codec(self.model_dir, self.settings.device)
-            return self._codec
-
     def codec_batcher(self) -> CodecBatcher:
-        """The codec behind a batching loop: decodes of concurrent jobs share windows' batches
-        (no codec_lock needed: the loop is the only user of the codec through it)."""
-        codec = self.codec()
+        """The codec decoder behind its batching loop, the only way jobs decode: concurrent
+        jobs' windows share estimator batches, and the loop is the codec's only user."""
         with self._load_lock:
             if self._batcher is None:
-                self._batcher = CodecBatcher(codec, CODEC_MAX_BATCH)
+                log.info("loading the HeartCodec decoder from %s", self.model_dir)
+                codec = load_codec(self.model_dir, self.settings.device)
+                self._batcher = CodecBatcher(codec, CODEC_MAX_BATCH, on_batch=metrics.codec_batch)
                 self._batcher.start()
             return self._batcher
 
@@ -200,7 +193,7 @@ class WorkerModels:
         """Load what the consumed queues need, so the first job does not pay for it."""
         if "gpu" in queues:
             self.engine()
-            self.codec()
+            self.codec_batcher()
         if "train" in queues:
             self.trainable()
         if "cpu" in queues:

@@ -35,20 +35,15 @@ def alone(decoder: HeartCodecDecoder) -> list[torch.Tensor]:
 
 
 def test_songs_decoded_together_match_each_alone_and_share_batches(
-    decoder: HeartCodecDecoder, alone: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch
+    decoder: HeartCodecDecoder, alone: list[torch.Tensor]
 ) -> None:
-    batcher = CodecBatcher(decoder, max_batch=8)
     sizes: list[int] = []
-    solve = decoder.solve_windows
-
-    def recorded(cursors: list, **kwargs: object) -> list[torch.Tensor]:
-        sizes.append(len(cursors))
-        return solve(cursors, **kwargs)
-
-    monkeypatch.setattr(decoder, "solve_windows", recorded)
+    batcher = CodecBatcher(decoder, max_batch=8, on_batch=sizes.append)
     futures = [batcher.submit(codes, steps=STEPS, seed=seed) for codes, seed in SONGS]
+    assert batcher.songs_decoding == 3
     while not all(f.done() for f in futures):
         batcher.step()
+    assert batcher.songs_decoding == 0
     for future, audio in zip(futures, alone, strict=True):
         torch.testing.assert_close(future.result(), audio, atol=1e-5, rtol=1e-4)
     assert sizes == [3, 2, 1]  # first windows of all three, then the later windows

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -52,12 +53,20 @@ class _Song:
 
 
 class CodecBatcher:
-    def __init__(self, decoder: HeartCodecDecoder, max_batch: int = 8) -> None:
+    def __init__(
+        self,
+        decoder: HeartCodecDecoder,
+        max_batch: int = 8,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        """`on_batch` hears the number of songs of every batch solved (metrics)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.decoder = decoder
         self.max_batch = max_batch
-        self._songs: deque[_Song] = deque()  # under way, longest-waiting first
+        self.on_batch = on_batch
+        self._songs: deque[_Song] = deque()  # waiting for a round, longest-waiting first
+        self._round: list[_Song] = []  # the songs of the round being solved
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -112,6 +121,12 @@ class CodecBatcher:
             self._lock.notify_all()
         return song.future
 
+    @property
+    def songs_decoding(self) -> int:
+        """Songs submitted and not yet finished, failed or aborted."""
+        with self._lock:
+            return len(self._songs) + len(self._round)
+
     def start(self) -> None:
         """Run rounds in a daemon thread until stop(); without it, call `step` yourself."""
         with self._lock:
@@ -156,6 +171,9 @@ class CodecBatcher:
             batch = [s for s in self._songs if s.batch_key == key][: self.max_batch]
             for song in batch:  # the others go first next round
                 self._songs.remove(song)
+            self._round = batch
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
         try:
             with parametrize.cached():
                 latents = self.decoder.solve_windows(
@@ -168,14 +186,17 @@ class CodecBatcher:
                     song.segments.append(self.decoder.render(window))
         except Exception as error:  # noqa: BLE001 (a failed batch fails its songs only)
             for song in batch:
-                song.future.set_exception(error)
-            return
-        self._report(batch)
-        finished = [s for s in batch if not s.future.done() and s.cursor.done]
-        for song in finished:
-            song.future.set_result(self.decoder.join(song.segments, song.cursor.num_codes))
+                if not song.future.done():
+                    song.future.set_exception(error)
+            batch = []
+        else:
+            self._report(batch)
+            finished = [s for s in batch if not s.future.done() and s.cursor.done]
+            for song in finished:
+                song.future.set_result(self.decoder.join(song.segments, song.cursor.num_codes))
         with self._lock:
             self._songs.extend(s for s in batch if not s.future.done())
+            self._round = []
 
     @staticmethod
     def _report(batch: list[_Song]) -> None:
