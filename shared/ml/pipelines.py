@@ -49,7 +49,7 @@ def decode_tokens(
     """Tokens → [2, T*3840] float32 audio through the worker's codec batcher: the windows of
     concurrent decodes share estimator batches, and the audio is the song's decoded alone.
 
-    An abort takes effect at the next window boundary, also while waiting for a round.
+    An abort takes effect at the next solver step, or at the next round while waiting.
     """
     audio = codec.detokenize(
         tokens, steps=steps, seed=seed, on_progress=progress, should_abort=should_abort

@@ -74,6 +74,26 @@ def test_an_aborted_song_ends_at_a_window_boundary_and_the_others_go_on(
     torch.testing.assert_close(fine.result(), alone[0], atol=1e-5, rtol=1e-4)
 
 
+def test_an_abort_during_a_solve_ends_that_song_at_the_next_step(
+    decoder: HeartCodecDecoder, alone: list[torch.Tensor]
+) -> None:
+    batcher = CodecBatcher(decoder)
+    steps_done: list[float] = []
+    doomed = batcher.submit(
+        _codes(400, 7),
+        steps=STEPS,
+        seed=7,
+        on_progress=lambda _s, f, *_: steps_done.append(f),
+        should_abort=lambda: bool(steps_done),  # asked to stop once its first step is done
+    )
+    fine = batcher.submit(*SONGS[0][:1], steps=STEPS, seed=1)
+    while not fine.done():
+        batcher.step()
+    with pytest.raises(Aborted, match=f"after 1 of {2 * (STEPS + 1)} steps"):
+        doomed.result(timeout=0)
+    torch.testing.assert_close(fine.result(), alone[0], atol=1e-5, rtol=1e-4)
+
+
 def test_progress_reaches_one_per_song(decoder: HeartCodecDecoder) -> None:
     reports: list[float] = []
     batcher = CodecBatcher(decoder)

@@ -4,7 +4,8 @@ A GPU worker decodes songs for many jobs; one at a time leaves the estimator run
 (guidance) over one 29.76 s window. The batcher keeps the decodes that are under way and, each
 round, solves the next window of every song whose window has the same shape (length, prefix)
 as the longest-waiting song's, up to `max_batch` songs, in one Euler solve. New songs join at
-the next round, i.e. at a window boundary, like requests joining the LM engine at a frame.
+the next round, i.e. at a window boundary, like requests joining the LM engine at a frame; a
+song whose job stops ends at the next solver step (its batch mates go on).
 Each song keeps its own noise generator, so its audio does not depend on its batch mates.
 """
 
@@ -48,8 +49,14 @@ class _Song:
         if self.on_progress is not None:
             self.on_progress("decoding", self.done_units / self.units)
 
-    def aborted(self) -> bool:
-        return bool(self.should_abort and self.should_abort())
+    def ended_by_abort(self) -> bool:
+        """Fail the song with Aborted if its job asks to stop."""
+        if not (self.should_abort and self.should_abort()):
+            return False
+        self.future.set_exception(
+            Aborted(f"decode aborted after {self.done_units} of {self.units} steps")
+        )
+        return True
 
 
 class CodecBatcher:
@@ -83,8 +90,8 @@ class CodecBatcher:
         should_abort: AbortCheck | None = None,
     ) -> torch.Tensor:
         """`HeartCodecDecoder.detokenize`, batched with whatever else is decoding; blocks
-        until done, so the loop must run (`start`). Aborts take effect at the next window
-        boundary (raising Aborted)."""
+        until done, so the loop must run (`start`). An abort takes effect at the next solver
+        step (raising Aborted)."""
         if self._thread is None:
             raise RuntimeError("start() the codec batcher before decoding through it")
         future = self.submit(
@@ -159,12 +166,8 @@ class CodecBatcher:
     def step(self) -> None:
         """One round: drop aborted songs, then solve and render one batch of windows."""
         with self._lock:
-            for song in [s for s in self._songs if s.aborted()]:
+            for song in [s for s in self._songs if s.ended_by_abort()]:
                 self._songs.remove(song)
-                done = song.done_units
-                song.future.set_exception(
-                    Aborted(f"decode aborted after {done} of {song.units} steps")
-                )
             if not self._songs:
                 return
             key = self._songs[0].batch_key
@@ -200,10 +203,13 @@ class CodecBatcher:
 
     @staticmethod
     def _report(batch: list[_Song]) -> None:
+        """After each solver step: a song whose job stopped ends now (its window is still
+        solved with the others, its result dropped); the others hear their progress."""
         for song in batch:
             if song.future.done():
                 continue
             try:
-                song.report()
+                if not song.ended_by_abort():
+                    song.report()
             except Exception as error:  # noqa: BLE001 (the caller's failure ends its song)
                 song.future.set_exception(error)
