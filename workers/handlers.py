@@ -154,8 +154,7 @@ def generate(ctx: JobContext) -> Output:
     models = ctx.models
     song = generate_song(
         models.engine(),
-        models.codec(),
-        models.codec_lock,
+        models.codec_batcher(),
         _request(ctx),
         ctx.progress,
         ctx.should_abort,
@@ -178,8 +177,7 @@ def extend(ctx: JobContext) -> Output:
     models = ctx.models
     song = generate_song(
         models.engine(),
-        models.codec(),
-        models.codec_lock,
+        models.codec_batcher(),
         _request(ctx, history=history),
         ctx.progress,
         ctx.should_abort,
@@ -198,8 +196,7 @@ def inpaint(ctx: JobContext) -> Output:
     models = ctx.models
     song = inpaint_song(
         models.engine(),
-        models.codec(),
-        models.codec_lock,
+        models.codec_batcher(),
         tokens,
         audio,
         gap,
@@ -234,11 +231,10 @@ def decode(ctx: JobContext) -> Output:
         tokens = read_tokens(ctx.resolver.upload_bytes(upload), "tokens_upload_id")
     ctx.progress("decoding", 0.0, 0, tokens.shape[1])
     audio = decode_tokens(
-        ctx.models.codec(),
+        ctx.models.codec_batcher(),
         tokens,
         seed=ctx.seed,
         steps=params.steps,
-        lock=ctx.models.codec_lock,
         progress=ctx.progress,
         should_abort=ctx.should_abort,
     )

@@ -52,6 +52,11 @@ ENGINE_ADMISSIONS = Counter(
 CODEC_SECONDS = Counter(
     "heartcluster_codec_decoded_seconds_total", "Seconds of audio the codec decoded"
 )
+CODEC_BATCH = Histogram(
+    "heartcluster_codec_batch_songs",
+    "Songs whose windows one codec estimator batch solved together",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 FINETUNE_STEPS = Counter(
     "heartcluster_finetune_steps_total", "Fine-tune optimizer steps (rate: steps/s)", ["job_type"]
 )
@@ -61,7 +66,8 @@ FINETUNE_LOSS = Gauge(
 
 
 class _Resources(Collector):
-    """Read when scraped: batch rows in use (an engine that is loaded) and GPU memory."""
+    """Read when scraped: batch rows in use (an engine that is loaded), songs the codec is
+    decoding (when loaded) and GPU memory."""
 
     def __init__(self, models: object) -> None:
         self.models = models
@@ -81,6 +87,13 @@ class _Resources(Collector):
             )
             waiting.add_metric([], engine.pending_requests)
             yield waiting
+        batcher = getattr(self.models, "_batcher", None)
+        if batcher is not None:
+            decoding = GaugeMetricFamily(
+                "heartcluster_codec_songs", "Songs the codec is decoding (in a batch or waiting)"
+            )
+            decoding.add_metric([], batcher.songs_decoding)
+            yield decoding
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():
             memory = GaugeMetricFamily(
@@ -123,6 +136,10 @@ def job_ended(job: Job, state: str) -> None:
 
 def audio_decoded(seconds: float) -> None:
     CODEC_SECONDS.inc(seconds)
+
+
+def codec_batch(songs: int) -> None:
+    CODEC_BATCH.observe(songs)
 
 
 def counting_frames(progress: Progress) -> Progress:

@@ -31,7 +31,7 @@ from shared.core.jobtypes import ADAPTER_FILES
 from shared.core.storage import METADATA
 from shared.core.tokens import InputError
 from shared.ml.codec.batching import CodecBatcher
-from shared.ml.codec.decoder import HeartCodecDecoder, load_codec
+from shared.ml.codec.decoder import load_codec
 from shared.ml.codec.encoder import EncoderNotFoundError, HeartCodecEncoder, load_encoder
 from shared.ml.generation.engine import AdapterCapacity, AdapterRef, GenerationEngine
 from shared.ml.models.checkpoint import CheckpointError, resolve_device, resolve_dtype
@@ -39,6 +39,7 @@ from shared.ml.models.heartmula import HeartMuLa, heartmula_folder, load_heartmu
 from shared.ml.models.prompt import PromptBuilder
 from shared.ml.models.tiny import NOISE_WARNING, TINY_VERSION, write_tiny_models
 from shared.ml.transcribe import Transcriber, load_transcriber
+from workers import metrics
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,8 @@ class WorkerModels:
         folder = heartmula_folder(self.model_dir, settings.model_version)
         self.model_version = folder.name.removeprefix("HeartMuLa-oss-")
         self.tiny = self.model_version == TINY_VERSION
-        self.codec_lock = threading.Lock()  # one codec decode at a time per process
         self._load_lock = threading.Lock()
         self._engine: GenerationEngine | None = None
-        self._codec: HeartCodecDecoder | None = None
         self._batcher: CodecBatcher | None = None
         self._encoder: HeartCodecEncoder | None = None
         self._transcriber: Transcriber | None = None
@@ -112,20 +111,14 @@ class WorkerModels:
                 self._engine = engine
             return self._engine
 
-    def codec(self) -> HeartCodecDecoder:
-        with self._load_lock:
-            if self._codec is None:
-                log.info("loading the HeartCodec decoder from %s", self.model_dir)
-                self._codec = load_codec(self.model_dir, self.settings.device)
-            return self._codec
-
     def codec_batcher(self) -> CodecBatcher:
-        """The codec behind a batching loop: decodes of concurrent jobs share windows' batches
-        (no codec_lock needed: the loop is the only user of the codec through it)."""
-        codec = self.codec()
+        """The codec decoder behind its batching loop, the only way jobs decode: concurrent
+        jobs' windows share estimator batches, and the loop is the codec's only user."""
         with self._load_lock:
             if self._batcher is None:
-                self._batcher = CodecBatcher(codec, CODEC_MAX_BATCH)
+                log.info("loading the HeartCodec decoder from %s", self.model_dir)
+                codec = load_codec(self.model_dir, self.settings.device)
+                self._batcher = CodecBatcher(codec, CODEC_MAX_BATCH, on_batch=metrics.codec_batch)
                 self._batcher.start()
             return self._batcher
 
@@ -191,7 +184,7 @@ class WorkerModels:
         """Load what the consumed queues need, so the first job does not pay for it."""
         if "gpu" in queues:
             self.engine()
-            self.codec()
+            self.codec_batcher()
         if "train" in queues:
             self.trainable()
         if "cpu" in queues:

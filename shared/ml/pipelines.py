@@ -8,7 +8,6 @@ it.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -17,7 +16,7 @@ from shared.core.constants import FRAME_S, SAMPLES_PER_FRAME
 from shared.core.inpaint import Gap, decode_window, splice_audio, splice_tokens
 from shared.core.progress import AbortCheck, Aborted, Progress, share_of
 from shared.core.tokens import InputError, check_tokens
-from shared.ml.codec.decoder import HeartCodecDecoder
+from shared.ml.codec.batching import CodecBatcher
 from shared.ml.codec.encoder import HeartCodecEncoder
 from shared.ml.generation.engine import GenerationEngine, GenerationRequest, GenerationResult
 
@@ -39,28 +38,22 @@ class Song:
 
 
 def decode_tokens(
-    codec: HeartCodecDecoder,
+    codec: CodecBatcher,
     tokens: np.ndarray,
     *,
     seed: int,
     steps: int,
-    lock: threading.Lock,
     progress: Progress,
     should_abort: AbortCheck,
 ) -> np.ndarray:
-    """Tokens → [2, T*3840] float32 audio; one decode per codec at a time (`lock`).
+    """Tokens → [2, T*3840] float32 audio through the worker's codec batcher: the windows of
+    concurrent decodes share estimator batches, and the audio is the song's decoded alone.
 
-    Waiting for the lock still honours the abort check, so a cancelled job never decodes.
+    An abort takes effect at the next solver step, or at the next round while waiting.
     """
-    while not lock.acquire(timeout=0.05):
-        if should_abort():
-            raise Aborted("aborted while waiting for the codec")
-    try:
-        audio = codec.detokenize(
-            tokens, steps=steps, seed=seed, on_progress=progress, should_abort=should_abort
-        ).numpy()
-    finally:
-        lock.release()
+    audio = codec.detokenize(
+        tokens, steps=steps, seed=seed, on_progress=progress, should_abort=should_abort
+    ).numpy()
     expected = (2, tokens.shape[1] * SAMPLES_PER_FRAME)
     if audio.shape != expected:
         raise RuntimeError(f"codec returned audio of shape {list(audio.shape)}, not {expected}")
@@ -87,8 +80,7 @@ def _generate_tokens(
 
 
 def _decode_share(
-    codec: HeartCodecDecoder,
-    codec_lock: threading.Lock,
+    codec: CodecBatcher,
     tokens: np.ndarray,
     seed: int,
     frames: int,
@@ -114,7 +106,6 @@ def _decode_share(
         tokens,
         seed=seed,
         steps=DECODE_STEPS,
-        lock=codec_lock,
         progress=report,
         should_abort=should_abort,
     )
@@ -122,8 +113,7 @@ def _decode_share(
 
 def generate_song(
     engine: GenerationEngine,
-    codec: HeartCodecDecoder,
-    codec_lock: threading.Lock,
+    codec: CodecBatcher,
     request: GenerationRequest,
     progress: Progress,
     should_abort: AbortCheck,
@@ -138,14 +128,13 @@ def generate_song(
     if request.history is not None:
         tokens = np.concatenate([request.history.astype(np.int32), tokens], axis=1)
     frames = tokens.shape[1]
-    audio = _decode_share(codec, codec_lock, tokens, request.seed, frames, progress, should_abort)
+    audio = _decode_share(codec, tokens, request.seed, frames, progress, should_abort)
     return Song(tokens, audio, result.finish_reason, request.seed)
 
 
 def inpaint_song(
     engine: GenerationEngine,
-    codec: HeartCodecDecoder,
-    codec_lock: threading.Lock,
+    codec: CodecBatcher,
     parent_tokens: np.ndarray,
     parent_audio: np.ndarray,
     gap: Gap,
@@ -168,9 +157,7 @@ def inpaint_song(
     new = _generate_tokens(engine, fill, progress, should_abort).tokens
     tokens = splice_tokens(parent_tokens, gap, new)
     lo, hi = decode_window(gap, song_frames)
-    window = _decode_share(
-        codec, codec_lock, tokens[:, lo:hi], request.seed, hi - lo, progress, should_abort
-    )
+    window = _decode_share(codec, tokens[:, lo:hi], request.seed, hi - lo, progress, should_abort)
     return Song(tokens, splice_audio(parent_audio, window, lo, gap), "length", request.seed)
 
 

@@ -1,4 +1,5 @@
-"""Codec decode speed: seconds of audio decoded per second, for short and long clips.
+"""Codec decode speed: seconds of audio decoded per second, for short and long clips, and
+several songs through the CodecBatcher against the same songs one after another.
 
     python tests/bench/bench_codec.py                                  # tiny codec, CPU
     python tests/bench/bench_codec.py --real-sizes --device cuda       # 1.66 B sizes, fp32
@@ -9,6 +10,8 @@ Each clip length is decoded with the reference's loop padding (short clips cost 
 29.76 s window) and with `loop_padding=False` (only the real codes are decoded). On CPU the
 process's CPU seconds are reported too: with `--threads 1` they barely move when other work
 shares the machine (with more threads, waiting threads spin and inflate them).
+The last line, `batched/serial codec ratio`, is serial time / batched time for `--songs` songs
+of `--song-seconds` each (what a GPU worker's concurrent decode jobs gain).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 
 from shared.core.constants import CODEC_CODES, FRAMES_PER_SECOND
+from shared.ml.codec.batching import CodecBatcher
 from shared.ml.codec.config import HeartCodecConfig
 from shared.ml.codec.decoder import HeartCodecDecoder, plan_windows
 from shared.ml.codec.tiny import TINY_CODEC_CONFIG, random_codec
@@ -49,6 +53,32 @@ def timed(
     return time.perf_counter() - start, time.process_time() - cpu_start
 
 
+def batched_ratio(decoder: HeartCodecDecoder, songs: list[np.ndarray], steps: int) -> float:
+    """Serial seconds / batched seconds: the songs one after another, then all through one
+    CodecBatcher (rounds stepped here, as its loop thread would)."""
+    cuda = decoder.device.type == "cuda"
+
+    def clock() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    start = clock()
+    for seed, codes in enumerate(songs):
+        decoder.detokenize(codes, steps=steps, seed=seed)
+    serial = clock() - start
+    batcher = CodecBatcher(decoder, max_batch=len(songs))
+    start = clock()
+    futures = [batcher.submit(c, steps=steps, seed=seed) for seed, c in enumerate(songs)]
+    while not all(f.done() for f in futures):
+        batcher.step()
+    batched = clock() - start
+    for future in futures:
+        future.result()  # a failed song fails the bench
+    print(f"  {len(songs)} songs: serial {serial:.2f} s, batched {batched:.2f} s")
+    return serial / batched
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--real-sizes", action="store_true", help="official sizes, random weights")
@@ -58,6 +88,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=1, help="best of N per clip")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--songs", type=int, default=8, help="songs decoded together")
+    parser.add_argument("--song-seconds", type=float, default=30.0)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,6 +124,11 @@ def main() -> None:
         if on_cpu:
             line += f" (CPU seconds: {cpu_cost[short] / cpu_cost[long]:.2f})"
         print(line)
+    songs = [
+        rng.integers(0, CODEC_CODES, (8, int(args.song_seconds * FRAMES_PER_SECOND)))
+        for _ in range(args.songs)
+    ]
+    print(f"batched/serial codec ratio: {batched_ratio(decoder, songs, args.steps):.2f}")
 
 
 if __name__ == "__main__":

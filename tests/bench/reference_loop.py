@@ -4,8 +4,10 @@ One song, no engine: guidance as a batch of two rows, one `sample_frame` call pe
 reference-style top-k sampler (temperature, top-k cut, softmax, multinomial), the new frame
 checked for EOS and kept on the host every frame, then embedded and fed back. Like heartlib
 (torchtune caches), each backbone step attends over the whole cache with a causal mask unless
-`exact_keys` asks for only the positions written so far (leaner than the reference). Same
-model, same math; what differs from the engine is the per-frame overhead it pays.
+`exact_keys` asks for only the positions written so far (leaner than the reference). The
+local decoder is the model's own `sample_frame` (exact keys: leaner than heartlib's masked
+8-slot cache), so model speedups help both sides. Same model, same math; what differs from
+the engine is the per-frame overhead it pays.
 """
 
 from __future__ import annotations

@@ -35,20 +35,15 @@ def alone(decoder: HeartCodecDecoder) -> list[torch.Tensor]:
 
 
 def test_songs_decoded_together_match_each_alone_and_share_batches(
-    decoder: HeartCodecDecoder, alone: list[torch.Tensor], monkeypatch: pytest.MonkeyPatch
+    decoder: HeartCodecDecoder, alone: list[torch.Tensor]
 ) -> None:
-    batcher = CodecBatcher(decoder, max_batch=8)
     sizes: list[int] = []
-    solve = decoder.solve_windows
-
-    def recorded(cursors: list, **kwargs: object) -> list[torch.Tensor]:
-        sizes.append(len(cursors))
-        return solve(cursors, **kwargs)
-
-    monkeypatch.setattr(decoder, "solve_windows", recorded)
+    batcher = CodecBatcher(decoder, max_batch=8, on_batch=sizes.append)
     futures = [batcher.submit(codes, steps=STEPS, seed=seed) for codes, seed in SONGS]
+    assert batcher.songs_decoding == 3
     while not all(f.done() for f in futures):
         batcher.step()
+    assert batcher.songs_decoding == 0
     for future, audio in zip(futures, alone, strict=True):
         torch.testing.assert_close(future.result(), audio, atol=1e-5, rtol=1e-4)
     assert sizes == [3, 2, 1]  # first windows of all three, then the later windows
@@ -75,6 +70,26 @@ def test_an_aborted_song_ends_at_a_window_boundary_and_the_others_go_on(
     while not fine.done():
         batcher.step()
     with pytest.raises(Aborted, match=f"after {STEPS + 1} of {3 * (STEPS + 1)} steps"):
+        doomed.result(timeout=0)
+    torch.testing.assert_close(fine.result(), alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_an_abort_during_a_solve_ends_that_song_at_the_next_step(
+    decoder: HeartCodecDecoder, alone: list[torch.Tensor]
+) -> None:
+    batcher = CodecBatcher(decoder)
+    steps_done: list[float] = []
+    doomed = batcher.submit(
+        _codes(400, 7),
+        steps=STEPS,
+        seed=7,
+        on_progress=lambda _s, f, *_: steps_done.append(f),
+        should_abort=lambda: bool(steps_done),  # asked to stop once its first step is done
+    )
+    fine = batcher.submit(*SONGS[0][:1], steps=STEPS, seed=1)
+    while not fine.done():
+        batcher.step()
+    with pytest.raises(Aborted, match=f"after 1 of {2 * (STEPS + 1)} steps"):
         doomed.result(timeout=0)
     torch.testing.assert_close(fine.result(), alone[0], atol=1e-5, rtol=1e-4)
 

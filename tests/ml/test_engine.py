@@ -329,11 +329,12 @@ def test_requests_admitted_together_prefill_in_one_call(
 
 
 def test_step_shapes_are_powers_of_two_of_rows_keys_and_top_k(engine: GenerationEngine) -> None:
-    """Three running rows run as four; attention reads 256 keys; top-k 50 samples from 64."""
+    """Three running rows run as four; attention reads 256 keys; top-k 50 samples from 64;
+    three unguided requests draw in four sampling rows."""
     handles = [engine.submit(replace(BASE, cfg_scale=1.0, seed=s)) for s in range(3)]
     engine.step()
     assert engine.runner.shape(engine.prompts.build(BASE.tags, BASE.lyrics).length + 1) == (
-        StepShape(rows=4, kv_len=KV_BLOCK, top_k=64)
+        StepShape(rows=4, kv_len=KV_BLOCK, top_k=64, draws=4)
     )
     while not all(h.done() for h in handles):
         engine.step()

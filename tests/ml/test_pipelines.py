@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from shared.core.progress import Aborted
-from shared.ml.codec.decoder import HeartCodecDecoder, load_codec
+from shared.ml.codec.batching import CodecBatcher
+from shared.ml.codec.decoder import load_codec
 from shared.ml.generation.engine import GenerationEngine, GenerationRequest
 from shared.ml.pipelines import GENERATE_SHARE, generate_song
 
@@ -30,12 +31,16 @@ def engine(tiny_model_dir: Path) -> Iterator[GenerationEngine]:
 
 
 @pytest.fixture(scope="module")
-def codec(tiny_model_dir: Path) -> HeartCodecDecoder:
-    return load_codec(tiny_model_dir, device="cpu")
+def codec(tiny_model_dir: Path) -> Iterator[CodecBatcher]:
+    """The decoder behind its batching loop, as in a worker."""
+    batcher = CodecBatcher(load_codec(tiny_model_dir, device="cpu"))
+    batcher.start()
+    yield batcher
+    batcher.stop()
 
 
 def _song(
-    engine: GenerationEngine, codec: HeartCodecDecoder, should_abort=lambda: False
+    engine: GenerationEngine, codec: CodecBatcher, should_abort=lambda: False
 ) -> list[Report]:
     reports: list[Report] = []
 
@@ -48,12 +53,12 @@ def _song(
     ) -> None:
         reports.append((stage, fraction, done, total))
 
-    generate_song(engine, codec, threading.Lock(), REQUEST, progress, should_abort)
+    generate_song(engine, codec, REQUEST, progress, should_abort)
     return reports
 
 
 def test_progress_runs_from_generating_to_decoding(
-    engine: GenerationEngine, codec: HeartCodecDecoder
+    engine: GenerationEngine, codec: CodecBatcher
 ) -> None:
     reports = _song(engine, codec)
     generating = [r for r in reports if r[0] == "generating"]
@@ -69,7 +74,7 @@ def test_progress_runs_from_generating_to_decoding(
 
 
 def test_an_abort_while_generating_raises_aborted(
-    engine: GenerationEngine, codec: HeartCodecDecoder
+    engine: GenerationEngine, codec: CodecBatcher
 ) -> None:
     frames: list[int] = []
 
@@ -83,11 +88,11 @@ def test_an_abort_while_generating_raises_aborted(
             frames.append(done)
 
     with pytest.raises(Aborted, match="after 2 frames"):
-        generate_song(engine, codec, threading.Lock(), REQUEST, progress, abort_after_two)
+        generate_song(engine, codec, REQUEST, progress, abort_after_two)
 
 
 def test_an_abort_while_decoding_raises_the_same_aborted(
-    engine: GenerationEngine, codec: HeartCodecDecoder
+    engine: GenerationEngine, codec: CodecBatcher
 ) -> None:
     decoding = threading.Event()
 
@@ -96,19 +101,21 @@ def test_an_abort_while_decoding_raises_the_same_aborted(
             decoding.set()
 
     with pytest.raises(Aborted, match="decode aborted"):
-        generate_song(engine, codec, threading.Lock(), REQUEST, progress, decoding.is_set)
+        generate_song(engine, codec, REQUEST, progress, decoding.is_set)
 
 
-def test_an_abort_while_waiting_for_the_codec_raises_aborted(
-    engine: GenerationEngine, codec: HeartCodecDecoder
+def test_an_abort_before_the_first_window_decodes_nothing(
+    engine: GenerationEngine, codec: CodecBatcher
 ) -> None:
-    busy = threading.Lock()
-    busy.acquire()  # another job is decoding
     generated = threading.Event()
+    decoded: list[float] = []
 
     def progress(stage: str, fraction: float, *_: object, **__: object) -> None:
         if stage == "generating" and fraction >= GENERATE_SHARE:
             generated.set()
+        if stage == "decoding" and fraction > GENERATE_SHARE:
+            decoded.append(fraction)
 
-    with pytest.raises(Aborted, match="waiting for the codec"):
-        generate_song(engine, codec, busy, REQUEST, progress, generated.is_set)
+    with pytest.raises(Aborted, match="decode aborted after 0 of"):
+        generate_song(engine, codec, REQUEST, progress, generated.is_set)
+    assert decoded == []

@@ -7,12 +7,15 @@ import dataclasses
 import io
 import json
 import re
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
+from prometheus_client import REGISTRY
 
 from shared.core.config import Settings
 from shared.core.constants import (
@@ -29,7 +32,7 @@ from shared.core.scheduler import FairScheduler
 from shared.core.storage import LocalStore, artifact_key
 from workers.handlers import job_seed
 from workers.models import WorkerModels
-from workers.runner import JobRunner
+from workers.runner import CANCEL_POLL_S, JobRunner
 
 SHORT = {"tags": "piano,happy", "duration_s": 1.0, "cfg_scale": 1.0}
 ENQUEUED: list[Job] = []  # jobs the runner released (dependents of finished jobs)
@@ -127,6 +130,62 @@ def test_decode_of_a_missing_source_fails_naming_it(runner: JobRunner) -> None:
     final = runner.jobs.get(job.id)
     assert final.state == "failed" and final.error["code"] == "invalid_params"
     assert final.error["message"].startswith("source_job_id:")
+
+
+def _batch_counts() -> tuple[float, float]:
+    """(batches, songs in them) the worker's codec batcher has solved so far."""
+    count = REGISTRY.get_sample_value("heartcluster_codec_batch_songs_count") or 0.0
+    return count, REGISTRY.get_sample_value("heartcluster_codec_batch_songs_sum") or 0.0
+
+
+def test_concurrent_decode_jobs_share_codec_batches_and_one_cancels_alone(
+    runner: JobRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two decode jobs of a 3-window song: their first windows solve in one batch; the first
+    job is then cancelled, and the second goes on to the audio it has decoded alone. Each
+    round of the batcher's loop waits for the test's go, so the rounds are known exactly."""
+    from shared.core.audio import read_audio
+    from shared.core.jobs import Upload
+
+    codes = np.random.default_rng(4).integers(0, 8192, (8, 700)).astype(np.int32)
+    data = io.BytesIO()
+    np.save(data, codes)
+    key = "tenants/acme/uploads/t-700/codes.npy"
+    runner.objects.put_bytes(key, data.getvalue())
+    runner.uploads.create(Upload("t-700", "acme", key, "codes.npy", "tokens", 1, 56.0))
+    batcher = runner.models.codec_batcher()
+    go = threading.Semaphore(0)
+    step = batcher.step
+
+    def gated_step() -> None:
+        go.acquire()
+        step()
+
+    monkeypatch.setattr(batcher, "step", gated_step)
+    before = _batch_counts()
+    params = {"tokens_upload_id": "t-700", "seed": 9, "steps": 2}
+    doomed, kept = _new(runner, "decode", params), _new(runner, "decode", params)
+    threads = [threading.Thread(target=runner.run, args=(job.id,)) for job in (doomed, kept)]
+    for thread in threads:
+        thread.start()
+    while batcher.songs_decoding < 2:
+        time.sleep(0.01)
+    go.release()  # round 1: both first windows
+    while runner.jobs.get(kept.id).progress == 0.0:
+        time.sleep(0.01)
+    runner.jobs.cancel(doomed.id)
+    time.sleep(3 * CANCEL_POLL_S)  # the doomed job's next abort check asks Redis
+    go.release(8)  # round 2 drops the cancelled song; rounds 2 and 3 decode the other
+    for thread in threads:
+        thread.join()
+    assert runner.jobs.get(doomed.id).state == "cancelled"
+    assert runner.jobs.get(kept.id).state == "succeeded", runner.jobs.get(kept.id).error
+    batches, songs = _batch_counts()
+    assert (batches - before[0], songs - before[1]) == (3, 4)  # sizes 2, 1, 1
+    alone = runner.models.codec_batcher().decoder.detokenize(codes, steps=2, seed=9).numpy()
+    audio, _ = read_audio(_artifact(runner, kept, "audio.flac"))
+    # The file holds 24-bit samples in [-1, 1] (the tiny codec's noise goes past full scale).
+    np.testing.assert_allclose(audio, np.clip(alone, -1, 1), atol=1e-5 + 2.0**-22, rtol=0)
 
 
 def test_encode_tokenizes_an_uploaded_song(runner: JobRunner, tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ A GPU worker decodes songs for many jobs; one at a time leaves the estimator run
 (guidance) over one 29.76 s window. The batcher keeps the decodes that are under way and, each
 round, solves the next window of every song whose window has the same shape (length, prefix)
 as the longest-waiting song's, up to `max_batch` songs, in one Euler solve. New songs join at
-the next round, i.e. at a window boundary, like requests joining the LM engine at a frame.
+the next round, i.e. at a window boundary, like requests joining the LM engine at a frame; a
+song whose job stops ends at the next solver step (its batch mates go on).
 Each song keeps its own noise generator, so its audio does not depend on its batch mates.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -47,17 +49,31 @@ class _Song:
         if self.on_progress is not None:
             self.on_progress("decoding", self.done_units / self.units)
 
-    def aborted(self) -> bool:
-        return bool(self.should_abort and self.should_abort())
+    def ended_by_abort(self) -> bool:
+        """Fail the song with Aborted if its job asks to stop."""
+        if not (self.should_abort and self.should_abort()):
+            return False
+        self.future.set_exception(
+            Aborted(f"decode aborted after {self.done_units} of {self.units} steps")
+        )
+        return True
 
 
 class CodecBatcher:
-    def __init__(self, decoder: HeartCodecDecoder, max_batch: int = 8) -> None:
+    def __init__(
+        self,
+        decoder: HeartCodecDecoder,
+        max_batch: int = 8,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        """`on_batch` hears the number of songs of every batch solved (metrics)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.decoder = decoder
         self.max_batch = max_batch
-        self._songs: deque[_Song] = deque()  # under way, longest-waiting first
+        self.on_batch = on_batch
+        self._songs: deque[_Song] = deque()  # waiting for a round, longest-waiting first
+        self._round: list[_Song] = []  # the songs of the round being solved
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -74,8 +90,8 @@ class CodecBatcher:
         should_abort: AbortCheck | None = None,
     ) -> torch.Tensor:
         """`HeartCodecDecoder.detokenize`, batched with whatever else is decoding; blocks
-        until done, so the loop must run (`start`). Aborts take effect at the next window
-        boundary (raising Aborted)."""
+        until done, so the loop must run (`start`). An abort takes effect at the next solver
+        step (raising Aborted)."""
         if self._thread is None:
             raise RuntimeError("start() the codec batcher before decoding through it")
         future = self.submit(
@@ -112,6 +128,12 @@ class CodecBatcher:
             self._lock.notify_all()
         return song.future
 
+    @property
+    def songs_decoding(self) -> int:
+        """Songs submitted and not yet finished, failed or aborted."""
+        with self._lock:
+            return len(self._songs) + len(self._round)
+
     def start(self) -> None:
         """Run rounds in a daemon thread until stop(); without it, call `step` yourself."""
         with self._lock:
@@ -144,18 +166,17 @@ class CodecBatcher:
     def step(self) -> None:
         """One round: drop aborted songs, then solve and render one batch of windows."""
         with self._lock:
-            for song in [s for s in self._songs if s.aborted()]:
+            for song in [s for s in self._songs if s.ended_by_abort()]:
                 self._songs.remove(song)
-                done = song.done_units
-                song.future.set_exception(
-                    Aborted(f"decode aborted after {done} of {song.units} steps")
-                )
             if not self._songs:
                 return
             key = self._songs[0].batch_key
             batch = [s for s in self._songs if s.batch_key == key][: self.max_batch]
             for song in batch:  # the others go first next round
                 self._songs.remove(song)
+            self._round = batch
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
         try:
             with parametrize.cached():
                 latents = self.decoder.solve_windows(
@@ -168,21 +189,27 @@ class CodecBatcher:
                     song.segments.append(self.decoder.render(window))
         except Exception as error:  # noqa: BLE001 (a failed batch fails its songs only)
             for song in batch:
-                song.future.set_exception(error)
-            return
-        self._report(batch)
-        finished = [s for s in batch if not s.future.done() and s.cursor.done]
-        for song in finished:
-            song.future.set_result(self.decoder.join(song.segments, song.cursor.num_codes))
+                if not song.future.done():
+                    song.future.set_exception(error)
+            batch = []
+        else:
+            self._report(batch)
+            finished = [s for s in batch if not s.future.done() and s.cursor.done]
+            for song in finished:
+                song.future.set_result(self.decoder.join(song.segments, song.cursor.num_codes))
         with self._lock:
             self._songs.extend(s for s in batch if not s.future.done())
+            self._round = []
 
     @staticmethod
     def _report(batch: list[_Song]) -> None:
+        """After each solver step: a song whose job stopped ends now (its window is still
+        solved with the others, its result dropped); the others hear their progress."""
         for song in batch:
             if song.future.done():
                 continue
             try:
-                song.report()
+                if not song.ended_by_abort():
+                    song.report()
             except Exception as error:  # noqa: BLE001 (the caller's failure ends its song)
                 song.future.set_exception(error)

@@ -8,9 +8,10 @@ step uploads nothing and copies one thing back: the sampled codes [rows, 8].
 All requests admitted at one frame boundary prefill in one padded backbone call. The frame step
 itself (backbone step for every fed row, then codebook 0 and the local decoder's 7 steps with
 sampling) runs on the lowest `bucket` rows, a power of two, with the attention length rounded
-up to a power of two and top-k to a power of two: static shapes per (rows, keys, k), which is
-what `torch.compile` and CUDA graphs (one graph per shape, CUDA only) need. Who runs where is the
-scheduler's business.
+up to a power of two, top-k to a power of two, and the draws (one per request: the two rows of
+a guided request share one) to a power of two: static shapes per (rows, keys, k, draws), which
+is what `torch.compile` and CUDA graphs (one graph per shape, CUDA only) need. Who runs where is
+the scheduler's business.
 
 With LoRA adapters (`MultiLoRA`), each row also holds its adapter's slot: written when it joins,
 reset when it leaves; adapters the plan installs are copied into their slots before the
@@ -51,6 +52,7 @@ class StepShape:
     rows: int  # batch rows 0..rows-1 run (a power of two, at most max_rows)
     kv_len: int  # cache positions attended
     top_k: int  # top-k width of the sampler
+    draws: int  # sampling rows: one per request (its conditional row), padded
     adapters: bool = False  # some row has a LoRA adapter
 
 
@@ -77,19 +79,28 @@ class RowState:
         self.seed = zeros(rows)
         self.eos_allowed = zeros(rows, dtype=torch.bool)
         self.adapter_slot = zeros(rows)  # its LoRA adapter's slot; 0: none
+        # Set at joins and leaves: the conditional row of every running request, lowest first
+        # (padded with row 0), and each row's place in that list.
+        self.draws = zeros(rows)
+        self.owner = zeros(rows)
 
     def sampling(self, shape: StepShape) -> RowSampling:
-        n = shape.rows
+        """The draws of rows 0..rows-1: one per request, gathered from its conditional row."""
+        draws = self.draws[: shape.draws]
+
+        def per_draw(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, draws)
+
         return RowSampling(
-            cond=self.cond[:n],
-            uncond=self.uncond[:n],
-            owner=None,
-            cfg_scale=self.cfg_scale[:n],
-            temperature=self.temperature[:n],
-            top_k=self.top_k[:n],
-            seed=self.seed[:n],
-            frame=self.frame[:n],
-            eos_allowed=self.eos_allowed[:n],
+            cond=draws,
+            uncond=per_draw(self.uncond),
+            owner=self.owner[: shape.rows],
+            cfg_scale=per_draw(self.cfg_scale),
+            temperature=per_draw(self.temperature),
+            top_k=per_draw(self.top_k),
+            seed=per_draw(self.seed),
+            frame=per_draw(self.frame),
+            eos_allowed=per_draw(self.eos_allowed),
             max_top_k=shape.top_k,
         )
 
@@ -137,10 +148,13 @@ class ModelRunner:
         self.state = RowState(
             max_rows, config.audio_num_codebooks, config.backbone.embed_dim, model
         )
-        # Host mirrors (set at join and release only): which rows run, and their top-k.
+        # Host mirrors (set at join and release only): which rows run, their top-k, and the
+        # conditional row of the request holding each.
         self._active = [False] * max_rows
         self._top_k = [0] * max_rows
         self._adapter_slot = [0] * max_rows
+        self._cond = [0] * max_rows
+        self._num_draws = 0
         self._step: Callable[[StepShape], torch.Tensor] = self.frame_step
         if compile:
             # One compiled variant per StepShape; allow as many as the shapes we may meet.
@@ -183,6 +197,7 @@ class ModelRunner:
         for r in rows:
             self._active[r] = False
             self._adapter_slot[r] = 0
+        self._set_draws()
 
     def admit(self, prefills: Sequence[Prefill]) -> dict[int, Exception]:
         """Prefill all newcomers in one call; if that fails, one by one to find who fails."""
@@ -255,6 +270,7 @@ class ModelRunner:
                 self._active[r] = True
                 self._top_k[r] = d.top_k
                 self._adapter_slot[r] = p.adapter_slot
+                self._cond[r] = d.cond_row
                 values["cond"].append(d.cond_row)
                 values["uncond"].append(d.uncond_row)
                 values["cfg_scale"].append(d.cfg_scale)
@@ -271,16 +287,31 @@ class ModelRunner:
             target[index] = torch.tensor(column, dtype=target.dtype).to(target.device)
         self.state.active[index] = True
         self.state.fed[index] = False
+        self._set_draws()
+
+    def _set_draws(self) -> None:
+        """One draw per running request, at its conditional row; every row points to its
+        request's draw (idle rows to the first: their tokens are never read)."""
+        draws = sorted({self._cond[r] for r, a in enumerate(self._active) if a})
+        self._num_draws = len(draws)
+        place = {row: i for i, row in enumerate(draws)}
+        owner = [place[self._cond[r]] if a else 0 for r, a in enumerate(self._active)]
+        padded = draws + [0] * (self.max_rows - len(draws))
+        device = self.model.device
+        self.state.draws.copy_(torch.tensor(padded, dtype=torch.int64).to(device))
+        self.state.owner.copy_(torch.tensor(owner, dtype=torch.int64).to(device))
 
     # ----- the frame step ---------------------------------------------------------------------
 
     def shape(self, positions_needed: int) -> StepShape:
         highest = max(r for r, a in enumerate(self._active) if a)
         top_k = max(k for k, a in zip(self._top_k, self._active, strict=True) if a)
+        rows = min(power_of_two_at_least(highest + 1), self.max_rows)
         return StepShape(
-            rows=min(power_of_two_at_least(highest + 1), self.max_rows),
+            rows=rows,
             kv_len=min(power_of_two_at_least(positions_needed, KV_BLOCK), self.context),
             top_k=min(power_of_two_at_least(top_k), self.sampler.vocab_size),
+            draws=min(power_of_two_at_least(self._num_draws), rows),
             adapters=any(
                 slot and a for slot, a in zip(self._adapter_slot, self._active, strict=True)
             ),
@@ -326,9 +357,9 @@ class ModelRunner:
         hidden = torch.where(fed.unsqueeze(1), out[:, -1], s.hidden[:n])
         s.hidden[:n] = hidden
         rows = s.sampling(shape)
-        keys = self.sampler.frame_keys(rows, s.codes.shape[1])  # [n, 8]
+        keys = self.sampler.frame_keys(rows, s.codes.shape[1]).unbind(1)  # 8 x [draws]
         codes = self.model.sample_frame(
-            hidden, lambda logits, k: self.sampler.pick(logits, k, rows, keys[:, k])
+            hidden, lambda logits, k: self.sampler.pick(logits, k, rows, keys[k])
         )
         s.codes[:n] = codes
         s.position[:n] += fed.long()

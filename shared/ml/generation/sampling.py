@@ -64,14 +64,14 @@ class RowSampling:
     """Sampling state of the rows that draw tokens this frame (one per request), on device.
 
     `cond` and `uncond` index the logits rows of each request (equal when it has no guidance);
-    `owner` maps every batch row to the request row whose token it receives. The model runner
-    keeps one sampling row per batch row instead (both rows of a guided request hold the same
-    draw, so they draw the same token) and leaves `owner` None: no gather, static shapes.
+    `owner` maps every batch row to the request row whose token it receives (both rows of a
+    guided request get its one draw), so top-k and the vocabulary-wide guidance run once per
+    request, not once per batch row.
     """
 
     cond: torch.Tensor  # [p] int64
     uncond: torch.Tensor  # [p] int64
-    owner: torch.Tensor | None  # [n] int64; None: sampling row i is batch row i
+    owner: torch.Tensor  # [n] int64
     cfg_scale: torch.Tensor  # [p] float32
     temperature: torch.Tensor  # [p] float32
     top_k: torch.Tensor  # [p] int64
@@ -114,9 +114,9 @@ class TokenSampler:
     ) -> None:
         self.vocab_size = vocab_size
         self.eos_id = eos_id
-        self.invalid = torch.zeros(vocab_size, device=device)
-        self.invalid[invalid_ids] = float("-inf")
-        self.token_hash = hash32(torch.arange(vocab_size, device=device, dtype=torch.int64))
+        self.invalid = torch.tensor(invalid_ids, dtype=torch.int64, device=device)
+        self.token_ids = torch.arange(vocab_size, device=device, dtype=torch.int64)
+        self.token_hash = hash32(self.token_ids)
 
     def row_keys(self, rows: RowSampling, codebook: int) -> torch.Tensor:
         """The noise key [p] of each row's draw for one codebook."""
@@ -138,19 +138,20 @@ class TokenSampler:
         """Float logits [n, vocab] for all batch rows → token ids [n] (int64).
 
         `key`: this codebook's noise keys [p] when already computed (see `frame_keys`)."""
-        uncond = logits[rows.uncond]
-        guided = logits[rows.cond] - uncond  # in place from here: fewer vocabulary-wide buffers
-        guided = guided.mul_(rows.cfg_scale.unsqueeze(1)).add_(uncond).add_(self.invalid)
+        uncond = logits.index_select(0, rows.uncond)  # index_select: a fraction of x[index]
+        guided = logits.index_select(0, rows.cond) - uncond  # in place from here on
+        guided = guided.mul_(rows.cfg_scale.unsqueeze(1)).add_(uncond)
+        guided.index_fill_(1, self.invalid, float("-inf"))  # a few columns, not a vocab pass
         guided[:, self.eos_id].masked_fill_(~rows.eos_allowed, float("-inf"))
         k = min(rows.max_top_k, self.vocab_size)
         values, ids = guided.topk(k, dim=-1)
         # Temperature after the cut: dividing by T > 0 keeps the order, and only k values pay.
         values = values / rows.temperature.unsqueeze(1)
-        rank = torch.arange(k, device=logits.device)
+        rank = self.token_ids[:k]  # 0..k-1
         values = values.masked_fill(rank >= rows.top_k.unsqueeze(1), float("-inf"))
         if key is None:
             key = self.row_keys(rows, codebook)
-        u = uniform_from_hash(hash32(key.unsqueeze(1) ^ self.token_hash[ids]))
+        u = uniform_from_hash(hash32(key.unsqueeze(1) ^ self.token_hash.take(ids)))
         choice = (values - torch.log(-torch.log(u))).argmax(dim=-1, keepdim=True)
         tokens = ids.gather(1, choice).squeeze(1)
-        return tokens if rows.owner is None else tokens[rows.owner]
+        return tokens.index_select(0, rows.owner)

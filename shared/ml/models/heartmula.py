@@ -166,22 +166,21 @@ class HeartMuLa(nn.Module):
         """Last backbone hidden [n, D] of rows 0..n-1 → one frame of codes [n, 8].
 
         Codebook 0 comes from `codebook0_head`; the local decoder then runs over
-        [hidden, emb(c0)] at positions 0-1 and one new code embedding per step after that.
+        [hidden, emb(c0)] at positions 0-1 and one new code embedding per step after that
+        (every row at the same positions: each step attends exactly to what is written).
         """
-        n = hidden.shape[0]
-        rows = slice(0, n)
-        books = self.config.audio_num_codebooks
+        rows = slice(0, hidden.shape[0])
         code = pick(self.codebook0_head(hidden).float(), 0)
         codes = [code]
         x = torch.stack([hidden, self.embed_audio(0, code)], dim=1)
-        positions = torch.arange(2, device=hidden.device).expand(n, 2)
-        for k in range(1, books):
-            out = self.decoder(self.projection(x), positions, rows, kv_len=books)
+        start = 0
+        for k in range(1, self.config.audio_num_codebooks):
+            out = self.decoder(self.projection(x), start, rows)
             logits = torch.mm(out[:, -1], self.audio_head[k - 1]).float()
             code = pick(logits, k)
             codes.append(code)
+            start += x.shape[1]
             x = self.embed_audio(k, code).unsqueeze(1)
-            positions = positions[:, -1:] + 1
         return torch.stack(codes, dim=1)
 
 

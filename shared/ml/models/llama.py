@@ -63,13 +63,20 @@ def llama3_inv_freq(spec: TransformerSpec) -> torch.Tensor:
     return torch.where(wavelen > low_wavelen, inv_freq / spec.rope_scale_factor, scaled)
 
 
+def rope_tables(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Angles [..., D/2] (float64) → cos, sin [..., D] (float32) laid out for interleaved pairs:
+    cos repeated per pair, sin signed (-, +), so that a rotation is x·cos + swap_pairs(x)·sin."""
+    cos = angles.cos().float().repeat_interleave(2, dim=-1)
+    sin = angles.sin().float()
+    return cos, torch.stack((-sin, sin), dim=-1).flatten(-2)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, S, H, D] by per-position angles."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, S, H, D] by `rope_tables` [B, S, 1, D]:
+    even·cos + odd·(-sin) and odd·cos + even·sin, bit for bit the pairwise formula, in 3 ops."""
+    x32 = x.float()
+    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (x32 * cos + swapped * sin).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -100,6 +107,33 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
 
+@dataclass(frozen=True)
+class CacheSlots:
+    """Where one forward call writes the cache and what it reads back, built once per call
+    for all layers. Rows at their own positions [B, S] write by index and read `kv_len` keys
+    under a mask; rows all at positions start..start+S-1 (`start` set: the local decoder)
+    write a slice and read exactly the keys written so far, no mask for one new position."""
+
+    rows: slice | torch.Tensor
+    kv_len: int
+    mask: torch.Tensor | None  # [B or 1, 1, S, kv_len] bool
+    positions: torch.Tensor | None = None  # [B, S], per-row positions
+    row_index: torch.Tensor | None = None  # [B, 1], their rows
+    start: int | None = None  # all rows at start..start+S-1
+
+    def write(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store k, v [B, S, kv_heads, hd]; return the keys and values [B, kv_heads, kv, hd]
+        attended (in place for a slice of rows; a row index tensor gathers a copy)."""
+        if self.start is None:
+            cache.k[self.row_index, :, self.positions] = k.to(cache.k.dtype)
+            cache.v[self.row_index, :, self.positions] = v.to(cache.v.dtype)
+        else:
+            stop = self.start + k.shape[1]
+            cache.k[self.rows, :, self.start : stop] = k.transpose(1, 2).to(cache.k.dtype)
+            cache.v[self.rows, :, self.start : stop] = v.transpose(1, 2).to(cache.v.dtype)
+        return cache.k[self.rows, :, : self.kv_len], cache.v[self.rows, :, : self.kv_len]
+
+
 class Attention(nn.Module):
     def __init__(self, spec: TransformerSpec) -> None:
         super().__init__()
@@ -111,39 +145,18 @@ class Attention(nn.Module):
         self.output_proj = nn.Linear(spec.num_heads * hd, spec.embed_dim, bias=False)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache,
-        rows: slice | torch.Tensor,
-        kv_len: int,
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, at: CacheSlots
     ) -> torch.Tensor:
-        """Attend x [B, S, D] at positions [B, S] over cache rows `rows`, keys 0..kv_len-1.
-
-        New keys/values are written into the cache first, then each query sees every cached
-        position up to its own (causal within the row; other rows are independent).
-        """
+        """Attend x [B, S, D] over its cache rows: new keys/values are written at `at` first,
+        then each query sees the cached positions `at` allows it (causal within its row)."""
         b, s, _ = x.shape
         hd = self.spec.head_dim
         q = apply_rotary(self.q_proj(x).view(b, s, self.spec.num_heads, hd), cos, sin)
         k = apply_rotary(self.k_proj(x).view(b, s, self.spec.num_kv_heads, hd), cos, sin)
         v = self.v_proj(x).view(b, s, self.spec.num_kv_heads, hd)
-
-        if isinstance(rows, slice):
-            row_index = torch.arange(rows.start, rows.stop, device=x.device)
-        else:
-            row_index = rows
-        cache.k[row_index.unsqueeze(1), :, positions] = k.to(cache.k.dtype)
-        cache.v[row_index.unsqueeze(1), :, positions] = v.to(cache.v.dtype)
-        # A slice of rows reads the cache in place; scattered rows (a prefill) gather a copy.
-        keys, values = cache.k[rows, :, :kv_len], cache.v[rows, :, :kv_len]
-
-        key_pos = torch.arange(kv_len, device=x.device)
-        mask = key_pos.view(1, 1, 1, kv_len) <= positions.view(b, 1, s, 1)
+        keys, values = at.write(cache, k, v)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=True
+            q.transpose(1, 2), keys, values, attn_mask=at.mask, enable_gqa=True
         )
         return self.output_proj(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -182,16 +195,9 @@ class TransformerLayer(nn.Module):
         self.mlp = FeedForward(spec.embed_dim, spec.intermediate_dim)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        positions: torch.Tensor,
-        cache: KVCache,
-        rows: slice | torch.Tensor,
-        kv_len: int,
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, at: CacheSlots
     ) -> torch.Tensor:
-        x = x + self.attn(self.sa_norm(x), cos, sin, positions, cache, rows, kv_len)
+        x = x + self.attn(self.sa_norm(x), cos, sin, cache, at)
         return x + self.mlp(self.mlp_norm(x))
 
     def forward_causal(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -216,10 +222,9 @@ class Transformer(nn.Module):
         weight = self.norm.scale
         device, dtype = weight.device, self.layers[0].attn.q_proj.weight.dtype
         self.caches = [KVCache(rows, self.spec, seq_len, dtype, device) for _ in self.layers]
-        inv_freq = llama3_inv_freq(self.spec)
-        angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
-        self._rope_cos = angles.cos().float().to(device)
-        self._rope_sin = angles.sin().float().to(device)
+        angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), llama3_inv_freq(self.spec))
+        cos, sin = rope_tables(angles)  # [seq, head_dim]
+        self._rope_cos, self._rope_sin = cos.to(device), sin.to(device)
 
     @property
     def cache_rows(self) -> int:
@@ -230,15 +235,44 @@ class Transformer(nn.Module):
         return self.caches[0].k.shape[2] if self.caches else 0
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rows: slice | torch.Tensor, kv_len: int
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | int,
+        rows: slice | torch.Tensor,
+        kv_len: int | None = None,
     ) -> torch.Tensor:
-        """Run x [B, S, D] at positions [B, S] on cache rows `rows` (a slice, or a row index
-        tensor; B == the number of rows)."""
+        """Run x [B, S, D] on cache rows `rows` (a slice, or a row index tensor; B == the
+        number of rows) at `positions`: [B, S] per row, attending over `kv_len` cache
+        positions; or an int `start`, every row at start..start+S-1, attending over exactly
+        the start+S positions written (what the local decoder's rows share)."""
         if not self.caches:
             raise RuntimeError("setup_caches() must be called before running the transformer")
-        cos, sin = self._rope_cos[positions], self._rope_sin[positions]
+        b, s, _ = x.shape
+        if isinstance(positions, int):
+            stop = positions + s
+            cos = self._rope_cos[positions:stop].view(1, s, 1, -1)
+            sin = self._rope_sin[positions:stop].view(1, s, 1, -1)
+            mask = None
+            if s > 1:
+                query_pos = torch.arange(positions, stop, device=x.device).view(s, 1)
+                mask = torch.arange(stop, device=x.device) <= query_pos
+            at = CacheSlots(rows, stop, mask, start=positions)
+        else:
+            if kv_len is None:
+                raise ValueError("per-row positions need kv_len")
+            cos, sin = (
+                self._rope_cos[positions].unsqueeze(2),
+                self._rope_sin[positions].unsqueeze(2),
+            )
+            if isinstance(rows, slice):
+                row_index = torch.arange(rows.start, rows.stop, device=x.device)
+            else:
+                row_index = rows
+            key_pos = torch.arange(kv_len, device=x.device)
+            mask = key_pos.view(1, 1, 1, kv_len) <= positions.view(b, 1, s, 1)
+            at = CacheSlots(rows, kv_len, mask, positions, row_index.unsqueeze(1))
         for layer, cache in zip(self.layers, self.caches, strict=True):
-            x = layer(x, cos, sin, positions, cache, rows, kv_len)
+            x = layer(x, cos, sin, cache, at)
         return self.norm(x)
 
     def forward_causal(self, x: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
@@ -249,7 +283,7 @@ class Transformer(nn.Module):
             torch.arange(x.shape[1], dtype=torch.float64, device=x.device),
             llama3_inv_freq(self.spec).to(x.device),
         )
-        cos, sin = angles.cos().float().unsqueeze(0), angles.sin().float().unsqueeze(0)
+        cos, sin = (t.view(1, x.shape[1], 1, -1) for t in rope_tables(angles))
         for layer in self.layers:
             if checkpointing:
                 x = checkpoint(layer.forward_causal, x, cos, sin, use_reentrant=False)
