@@ -26,7 +26,7 @@ from shared.core.datasets import DatasetItem, DatasetStore, new_dataset
 from shared.core.jobs import LEASES_KEY, Job, JobStore, Upload, UploadStore, job_key, new_id
 from shared.core.quotas import Quotas
 from shared.core.scheduler import FairScheduler
-from shared.core.storage import LocalStore, artifact_key, job_prefix, upload_key
+from shared.core.storage import LocalStore, ObjectStore, artifact_key, job_prefix, upload_key
 from tests.ml.finetune_support import TAG, pattern_song
 from workers.handlers import CHECKPOINT
 from workers.models import WorkerModels
@@ -64,19 +64,28 @@ def env(redis_url: str, tmp_path: Path, tiny_model_dir: Path) -> dict[str, str]:
 @pytest.fixture
 def runner(env: dict[str, str], redis_client: redis.Redis) -> Iterator[JobRunner]:
     settings = Settings.from_env(env)
-    runner = JobRunner(
+    runner = _runner(
+        settings, redis_client, LocalStore(settings.data_dir / "artifacts"), "survivor"
+    )
+    yield runner
+    runner.close()
+
+
+def _runner(
+    settings: Settings, redis_client: redis.Redis, objects: ObjectStore, worker: str
+) -> JobRunner:
+    """A job runner in this process, as a train or GPU worker holds one."""
+    return JobRunner(
         settings,
         JobStore(redis_client),
-        LocalStore(settings.data_dir / "artifacts"),
+        objects,
         WorkerModels(settings),
         UploadStore(redis_client),
         enqueue=lambda job: None,
         scheduler=FairScheduler(redis_client, Quotas()),
         wake=lambda queue: None,
-        worker="survivor",
+        worker=worker,
     )
-    yield runner
-    runner.close()
 
 
 def _dataset(runner: JobRunner, tenant: str = "acme") -> str:
@@ -216,17 +225,7 @@ def test_song_jobs_with_the_adapter_run_or_fail_clearly_where_it_cannot_be_serve
 
     # a worker serving lower ranks than the adapter's (PARAMS rank 4) fails the job, naming it
     settings = Settings.from_env({**env, "HEARTCLUSTER_ADAPTER_MAX_RANK": "2"})
-    small = JobRunner(
-        settings,
-        JobStore(redis_client),
-        runner.objects,
-        WorkerModels(settings),
-        UploadStore(redis_client),
-        enqueue=lambda job: None,
-        scheduler=FairScheduler(redis_client, Quotas()),
-        wake=lambda queue: None,
-        worker="small",
-    )
+    small = _runner(settings, redis_client, runner.objects, "small")
     try:
         refused = song(small)
     finally:
