@@ -64,9 +64,9 @@ def runner() -> JobRunner:
                 store_from_settings(settings),
                 WorkerModels(settings),
                 UploadStore(client),
-                enqueue=lambda job: enqueue(app, scheduler, job),
+                enqueue=lambda job: enqueue(scheduler, job),
                 scheduler=scheduler,
-                wake=lambda queue: wake(app, queue),
+                wake=lambda queue: wake(client, queue),
             )
         return _runner
 
@@ -141,9 +141,9 @@ def _start_background(**_: Any) -> None:
         settings,
         _redis_client(),
         jobs.objects,
-        lambda job: enqueue(app, scheduler, job),
+        lambda job: enqueue(scheduler, job),
         scheduler,
-        lambda queue: wake(app, queue),
+        lambda queue: wake(scheduler.redis, queue),
         jobs.outage,
     ).start()
 

@@ -2,7 +2,9 @@
 (`admit`), then record and enqueue (`launch`).
 
 The submit route and every batch item take these same steps, so a batch item is exactly a job
-submitted alone; a batch prepares and admits all its items before it records any.
+submitted alone; a batch prepares and admits all its items before it records any. Recording
+and enqueueing are one Redis transaction (the job, its audio reservation, its webhook, its
+scheduler entry and its wake-up): a submit is recorded whole or not at all, in one round trip.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from flask import g, request
 
 from api.gateway.app import services
@@ -19,7 +22,7 @@ from shared.core.inputs import InputNotFound, SourceUpload
 from shared.core.jobs import Job
 from shared.core.jobtypes import JobType, parse_submit
 from shared.core.queueing import enqueue
-from shared.core.quotas import QuotaExceeded, audio_seconds
+from shared.core.quotas import QuotaExceeded, QuotaStore, audio_seconds
 from shared.core.schemas import InvalidRequest, Params, SubmitRequest
 from shared.core.tokens import InputError
 from shared.core.webhooks import TargetRefused, WebhookStore, check_target, job_subject
@@ -34,7 +37,7 @@ class Prepared:
     params: Params
     parent: Job | None  # the job the new one builds on
     first_step: Job | None  # a job to run first (encoding an uploaded song before an extend)
-    webhook_url: str | None
+    webhook_url: str | None  # its own, checked; None: the tenant's endpoint, if it has one
 
 
 def invalid(error: InvalidRequest) -> ApiError:
@@ -54,7 +57,8 @@ def prepare(tenant: str, body: Any) -> Prepared:
     except InvalidRequest as error:
         raise invalid(error) from None
     parent, first_step = _check_inputs(tenant, entry, params)
-    webhook_url = webhook_target(tenant, submission.webhook_url, "webhook_url")
+    url = submission.webhook_url
+    webhook_url = None if url is None else checked_webhook_url(tenant, url, "webhook_url")
     return Prepared(submission, entry, params, parent, first_step, webhook_url)
 
 
@@ -81,16 +85,18 @@ def _check_inputs(tenant: str, entry: JobType, params: Params) -> tuple[Job | No
 
 
 def webhook_target(tenant: str, url: str | None, field: str) -> str | None:
-    """Where this job's or batch's event goes: its own URL (checked once per request, as a
-    batch names the same one many times) or the tenant's endpoint; signing needs a secret."""
-    hooks = WebhookStore(services().redis)
-    if url is None:  # checked when it was set; read once per request
-        if "webhook_endpoint" not in g:
-            g.webhook_endpoint = hooks.endpoint(tenant)
-        return g.webhook_endpoint
+    """Where a batch's event goes: its own URL (checked) or the tenant's endpoint."""
+    if url is None:  # checked when it was set
+        return WebhookStore(services().redis).endpoint(tenant)
+    return checked_webhook_url(tenant, url, field)
+
+
+def checked_webhook_url(tenant: str, url: str, field: str) -> str:
+    """`url` if events may go there (checked once per request, as a batch names the same one
+    many times); signing needs a secret."""
     checked: set[str] = g.setdefault("webhook_targets_checked", set())
     if url not in checked:
-        if not hooks.has_secret(tenant):
+        if not WebhookStore(services().redis).has_secret(tenant):
             raise ApiError(
                 422,
                 "invalid_params",
@@ -124,11 +130,20 @@ def admit(tenant: str, items: list[Prepared]) -> None:
 
 
 def record(
-    prepared: Prepared, tenant: str, key: str | None, priority: str = "interactive"
+    prepared: Prepared,
+    tenant: str,
+    key: str | None,
+    transaction: redis.client.Pipeline,
+    priority: str = "interactive",
 ) -> tuple[Job, Job | None]:
-    """Record the job (state queued, at its own priority or `priority`) and any first step:
-    (the job, the one to queue now), or (the first job, None) when this tenant already used the
-    idempotency key. The job's audio seconds count against today's quota from here on."""
+    """Record the job (state queued, at its own priority or `priority`) and any first step in
+    `transaction`: (the job, the one to queue now), or (the first job, None) when this tenant
+    already used the idempotency key. The job's audio seconds count against today's quota once
+    the transaction has run.
+
+    The idempotency key is claimed at once, with the job: should the transaction then fail,
+    the job waits queued until a worker's sweep for jobs in no pending set queues it.
+    """
     svc = services()
     submission, params, first_step = prepared.submission, prepared.params, prepared.first_step
     parent = prepared.parent
@@ -144,7 +159,7 @@ def record(
         job.stage = "waiting"
         job.message = f"waiting for {first_step.type} job {first_step.id}"
     if key is None:
-        svc.jobs.create(job)
+        svc.jobs.create(job, transaction)
     else:
         job, created = svc.jobs.create_idempotent(job, key)
         if not created:
@@ -156,30 +171,30 @@ def record(
                     "idempotency_key",
                 )
             return job, None
-    tenancy().quotas.reserve_audio(tenant, job.id, audio_seconds(job.params))
-    if prepared.webhook_url is not None:  # before it is queued: its end cannot be missed
-        WebhookStore(svc.redis).watch(job_subject(job.id), prepared.webhook_url)
+    QuotaStore.reserve_audio(tenant, job.id, audio_seconds(job.params), transaction)
+    hooks = WebhookStore(svc.redis)
+    if prepared.webhook_url is None:
+        hooks.watch_endpoint(tenant, job_subject(job.id), transaction)
+    else:
+        hooks.watch(job_subject(job.id), prepared.webhook_url, transaction)
     if first_step is not None:
         first_step.priority = priority
-        svc.jobs.create(first_step)
-        svc.jobs.add_dependent(first_step.id, job.id)
+        svc.jobs.create(first_step, transaction)
+        svc.jobs.add_dependent(first_step.id, job.id, transaction)
     return job, first_step or job
 
 
 def launch(prepared: Prepared, tenant: str, key: str | None) -> tuple[Job, bool]:
     """Admit, record and enqueue the job: (the job, True); with an idempotency key this tenant
-    already used, (that first job, False) and nothing enqueued."""
-    svc = services()
+    already used, (that first job, False) and nothing enqueued. Redis away: a 503 (the app's
+    handler) and nothing recorded."""
     admit(tenant, [prepared])
-    job, to_queue = record(prepared, tenant, key)
+    transaction = services().redis.pipeline(transaction=True)
+    job, to_queue = record(prepared, tenant, key, transaction)
     if to_queue is None:
         return job, False
-    try:
-        enqueue(svc.celery, tenancy().scheduler, to_queue)
-    except Exception as error:  # broker unreachable: the job must not sit queued forever
-        for unqueued in {to_queue.id, job.id}:
-            svc.jobs.fail(unqueued, "enqueue_failed", f"could not queue the job: {error}")
-        raise ApiError(503, "unavailable", "the job queue is unreachable; try again") from error
+    enqueue(tenancy().scheduler, to_queue, transaction)
+    transaction.execute()
     return job, True
 
 

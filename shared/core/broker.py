@@ -9,14 +9,25 @@ off (the messages stay in Redis's unacked index, and every live worker sweeps th
 queue after the short visibility timeout; a redelivery is harmless, the job store's leases
 decide who runs a job) and the second reaches Redis with the channel's last connection
 parameters, so the task is acknowledged as usual. Used as Celery's `broker_transport`.
+
+It also writes a task message the way this transport stores one (`stored_message`), so that a
+Redis script can put it on the queue in the same atomic step as the state it wakes up for.
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import uuid
 from typing import Any
 
 import redis
+from celery import Celery
+from kombu.serialization import dumps
 from kombu.transport import redis as kombu_redis
+
+# Builds Celery's own task messages (protocol 2); never connects anywhere.
+_PROTOCOL = Celery("heartcluster-messages", set_as_current=False).amqp
 
 
 class Channel(kombu_redis.Channel):
@@ -39,3 +50,32 @@ class Transport(kombu_redis.Transport):
 
 
 TRANSPORT = f"{__name__}:Transport"
+
+
+def stored_message(queue: str, task_name: str, task_id: str, args: list[Any]) -> str:
+    """A task message for `queue` exactly as this transport stores it: the list entry that
+    `LPUSH queue <entry>` puts where a worker consuming `queue` takes it.
+
+    Celery builds the message (headers, properties, body); around it goes kombu's envelope, as
+    the virtual channel's publish adds it (base64 body, a delivery tag of its own, the queue as
+    routing key on the default exchange, priority 0, persistent). A test checks it against what
+    Celery's `send_task` stores.
+    """
+    message = _PROTOCOL.as_task_v2(task_id, task_name, args=args, ignore_result=True)
+    content_type, encoding, body = dumps(message.body, serializer="json")
+    return json.dumps(
+        {
+            "body": base64.b64encode(body.encode()).decode(),
+            "content-encoding": encoding,
+            "content-type": content_type,
+            "headers": message.headers,
+            "properties": {
+                **message.properties,
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": queue},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+    )

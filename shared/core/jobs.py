@@ -443,6 +443,17 @@ return 0
 """
 
 
+def run_script(
+    script: Any, keys: list[Any], args: list[Any], client: redis.Redis | redis.client.Pipeline
+) -> Any:
+    """Run a registered script on `client`. On a pipeline it goes by its source (EVAL): with
+    EVALSHA redis-py first asks SCRIPT EXISTS, a round trip more, and inside a transaction a
+    script missing after a Redis restart would fail alone while the rest was applied."""
+    if isinstance(client, redis.client.Pipeline):
+        return client.eval(script.script, len(keys), *keys, *args)
+    return script(keys=keys, args=args, client=client)
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -480,10 +491,13 @@ class JobStore:
 
     # -- creation and reading -------------------------------------------------------------
 
-    def create(self, job: Job) -> Job:
-        self._create(
-            keys=[job_key(job.id), tenant_jobs_key(job.tenant)],
-            args=[job.id, repr(job.created_at), 0, *_encode_fields(job.to_dict())],
+    def create(self, job: Job, transaction: redis.client.Pipeline | None = None) -> Job:
+        """Record a new job (in the caller's `transaction`, when given)."""
+        run_script(
+            self._create,
+            [job_key(job.id), tenant_jobs_key(job.tenant)],
+            [job.id, repr(job.created_at), 0, *_encode_fields(job.to_dict())],
+            self._redis if transaction is None else transaction,
         )
         return job
 
@@ -795,9 +809,13 @@ class JobStore:
 
     # -- dependencies (a job that waits for another, e.g. extend after encoding an upload) ----
 
-    def add_dependent(self, job_id: str, dependent_id: str) -> None:
+    def add_dependent(
+        self, job_id: str, dependent_id: str, transaction: redis.client.Pipeline | None = None
+    ) -> None:
         """Record that `dependent_id` is enqueued only once `job_id` has succeeded."""
-        self._redis.sadd(dependents_key(job_id), dependent_id)
+        (self._redis if transaction is None else transaction).sadd(
+            dependents_key(job_id), dependent_id
+        )
 
     def take_dependents(self, job_id: str) -> list[str]:
         """The jobs waiting on `job_id`, removed in one step so only one caller releases them."""

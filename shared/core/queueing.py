@@ -1,17 +1,19 @@
 """Celery wiring shared by the gateway (which sends) and the workers (which consume).
 
-A message carries no job: it is a wake-up for a queue ("a job may be ready"), sent when a job
-enters the fair scheduler (shared/core/scheduler.py); the worker thread that takes it asks the
-scheduler which job to run. The gateway never imports workers/: it sends the task by name.
-Job state lives in the job store, not in Celery results. No torch.
+A message carries no job: it is a wake-up for a queue ("a job may be ready"), put on the broker
+by the same Redis script that puts a job in the fair scheduler (shared/core/scheduler.py), so a
+pending job never lacks its wake-up; the worker thread that takes one asks the scheduler which
+job to run. The gateway never imports workers/: the message names the task. Job state lives in
+the job store, not in Celery results. No torch.
 """
 
 from __future__ import annotations
 
+import redis
 from celery import Celery
 from kombu import Exchange, Queue
 
-from shared.core.broker import TRANSPORT
+from shared.core.broker import TRANSPORT, stored_message
 from shared.core.config import Settings
 from shared.core.jobs import Job, new_id
 from shared.core.jobtypes import QUEUES, job_type
@@ -23,8 +25,6 @@ TASK_NAME = "heartcluster.run_next"
 # worker holds or that has ended), so the timeout can be short: it only brings back messages
 # that a worker took and died with before starting them. Every live worker sweeps for them.
 REDELIVERY_LEASES = 2  # visibility timeout, in lease periods
-# Sending a task while Redis is away: a few quick retries, then the caller answers 503.
-PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1}
 
 
 def visibility_timeout_s(settings: Settings) -> int:
@@ -64,10 +64,8 @@ def make_celery(settings: Settings, main: str = "heartcluster") -> Celery:
         # stop = warm shutdown; the runner hands running jobs back (the thread pool cannot
         # kill a task, so a soft/cold shutdown would crash)
         worker_soft_shutdown_timeout=0.0,
-        task_publish_retry_policy=PUBLISH_RETRY,
         broker_connection_timeout=settings.redis_timeout_s,
         # a wake-up has no result: job state lives in the job store, so workers store none
-        # and senders do not subscribe to one (two round trips per submit saved)
         task_ignore_result=True,
         task_time_limit=settings.job_time_limit_s,
         broker_transport_options=transport,
@@ -79,16 +77,23 @@ def make_celery(settings: Settings, main: str = "heartcluster") -> Celery:
     return app
 
 
-def wake(celery_app: Celery, queue: str) -> None:
+def wake_message(queue: str) -> tuple[str, str]:
+    """A wake-up for `queue`: (the broker list it goes on, the message as stored there)."""
+    return queue, stored_message(queue, TASK_NAME, new_id(), [queue])
+
+
+def wake(redis_client: redis.Redis, queue: str) -> None:
     """Send one wake-up to `queue`: a worker slot that takes it runs the scheduler's choice."""
-    celery_app.send_task(TASK_NAME, args=[queue], task_id=new_id(), queue=queue, ignore_result=True)
+    redis_client.lpush(*wake_message(queue))
 
 
-def enqueue(celery_app: Celery, scheduler: FairScheduler, job: Job) -> None:
-    """Put a queued job in the fair scheduler and wake its queue (nothing when the job is no
-    longer queued, e.g. cancelled before a batch sender got to it)."""
-    if scheduler.push(job):
-        wake(celery_app, job_type(job.type).queue)
+def enqueue(
+    scheduler: FairScheduler, job: Job, transaction: redis.client.Pipeline | None = None
+) -> bool | None:
+    """Put a queued job in the fair scheduler and its queue's wake-up on the broker, in one
+    atomic step: whether it went in (not when the job is no longer queued, e.g. cancelled
+    before a batch sender got to it). With `transaction` it joins the caller's (None)."""
+    return scheduler.push(job, wake_message(job_type(job.type).queue), transaction)
 
 
 def consumed_queues(celery_app: Celery, timeout_s: float = 1.0) -> dict[str, bool]:

@@ -183,17 +183,18 @@ class QuotaStore:
         _read_usage(pipe, tenant)
         return _usage(pipe.execute())
 
-    def reserve_audio(self, tenant: str, job_id: str, seconds: float) -> None:
-        """Count a submitted job's audio seconds today; given back if it fails or is cancelled
-        (by the job store's scripts)."""
+    @staticmethod
+    def reserve_audio(
+        tenant: str, job_id: str, seconds: float, transaction: redis.client.Pipeline
+    ) -> None:
+        """Count a submitted job's audio seconds today, in the transaction that records the job;
+        given back if it fails or is cancelled (by the job store's scripts)."""
         if seconds <= 0:
             return
         key = audio_key(tenant, today())
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.incrbyfloat(key, seconds)
-        pipe.expire(key, 2 * DAY_S)
-        pipe.hset(RESERVED_AUDIO_KEY, job_id, f"{key}|{seconds!r}")
-        pipe.execute()
+        transaction.incrbyfloat(key, seconds)
+        transaction.expire(key, 2 * DAY_S)
+        transaction.hset(RESERVED_AUDIO_KEY, job_id, f"{key}|{seconds!r}")
 
     def add_gpu_seconds(self, tenant: str, seconds: float) -> None:
         key = gpu_key(tenant, today())

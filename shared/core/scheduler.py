@@ -39,6 +39,7 @@ from shared.core.jobs import (
     _text,
     job_key,
     new_id,
+    run_script,
     tenant_queued_key,
 )
 from shared.core.jobtypes import QUEUES, job_type
@@ -69,14 +70,16 @@ def parked_key(queue: str) -> str:
     return f"sched-parked:{queue}"
 
 
-# KEYS: job, pending set, ring, ring members, pending-at index. ARGV: job id, tenant, score.
-# Only a queued job is added, and only once; returns 1 when added (send a wake-up).
+# KEYS: job, pending set, ring, ring members, pending-at index, broker list. ARGV: job id,
+# tenant, score, wake-up message. Only a queued job is added, and only once, and then with its
+# wake-up; returns 1 when added.
 _PUSH = """
 if redis.call('HGET', KEYS[1], 'state') ~= '"queued"' then return 0 end
 if redis.call('HEXISTS', KEYS[5], ARGV[1]) == 1 then return 0 end
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('HSET', KEYS[5], ARGV[1], KEYS[2])
 if redis.call('SADD', KEYS[4], ARGV[2]) == 1 then redis.call('RPUSH', KEYS[3], ARGV[2]) end
+redis.call('LPUSH', KEYS[6], ARGV[4])
 return 1
 """
 
@@ -215,21 +218,29 @@ class FairScheduler:
         self._unpark = redis_client.register_script(_UNPARK)
         self._adrift = redis_client.register_script(_ADRIFT)
 
-    def push(self, job: Job) -> bool:
-        """Put a queued job in its tenant's pending set; False when it is not queued (cancelled
-        meanwhile) or already pending, so no wake-up is needed."""
+    def push(
+        self, job: Job, wake: tuple[str, str], transaction: redis.client.Pipeline | None = None
+    ) -> bool | None:
+        """Put a queued job in its tenant's pending set and `wake` (broker list, message) on
+        the broker, in one atomic step; False when it is not queued (cancelled meanwhile) or
+        already pending, and nothing is sent. With `transaction` it joins the caller's
+        transaction instead (None; the answer comes when that runs)."""
         queue = job_type(job.type).queue
-        added = self._push(
-            keys=[
+        wake_list, message = wake
+        added = run_script(
+            self._push,
+            [
                 job_key(job.id),
                 pending_key(queue, job.tenant, job.priority),
                 ring_key(queue),
                 members_key(queue),
                 PENDING_AT_KEY,
+                wake_list,
             ],
-            args=[job.id, job.tenant, repr(job.created_at)],
+            [job.id, job.tenant, repr(job.created_at), message],
+            self.redis if transaction is None else transaction,
         )
-        return bool(added)
+        return None if transaction is not None else bool(added)
 
     def next(self, queue: str, worker: str, lease_s: float, max_attempts: int) -> Picked:
         """Choose the next job of `queue` and start it under a new lease held by `worker`."""

@@ -32,6 +32,8 @@ from urllib.parse import urlparse
 
 import redis
 
+from shared.core.jobs import run_script
+
 SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 32
 ROTATION_GRACE_S = 24 * 3600
@@ -238,6 +240,15 @@ end
 return 1
 """
 
+# KEYS: endpoint, target, watch set. ARGV: subject. Watches the subject at the endpoint, if set.
+_WATCH_ENDPOINT = """
+local url = redis.call('GET', KEYS[1])
+if not url then return 0 end
+redis.call('SET', KEYS[2], url)
+redis.call('SADD', KEYS[3], ARGV[1])
+return 1
+"""
+
 
 class WebhookStore:
     """Tenant secrets and endpoints, watched subjects and the delivery outbox in Redis."""
@@ -247,6 +258,7 @@ class WebhookStore:
         self._emit = redis_client.register_script(_EMIT)
         self._claim = redis_client.register_script(_CLAIM)
         self._settle = redis_client.register_script(_SETTLE)
+        self._watch_endpoint = redis_client.register_script(_WATCH_ENDPOINT)
 
     # -- tenant configuration ---------------------------------------------------------------
 
@@ -286,13 +298,26 @@ class WebhookStore:
 
     # -- watched subjects ---------------------------------------------------------------------
 
-    def watch(self, subject: str, url: str) -> None:
-        """Deliver this job's or batch's final event to `url` once it ends (set before the job
-        is queued, so the event cannot be missed)."""
-        pipe = self._redis.pipeline(transaction=True)
+    def watch(
+        self, subject: str, url: str, transaction: redis.client.Pipeline | None = None
+    ) -> None:
+        """Deliver this job's or batch's final event to `url` once it ends: set before a job
+        is queued (in the transaction that queues it, when given), so it cannot be missed."""
+        pipe = self._redis.pipeline(transaction=True) if transaction is None else transaction
         pipe.set(target_key(subject), url)
         pipe.sadd(WATCH_KEY, subject)
-        pipe.execute()
+        if transaction is None:
+            pipe.execute()
+
+    def watch_endpoint(self, tenant: str, subject: str, transaction: redis.client.Pipeline) -> None:
+        """`watch` at the tenant's endpoint, if it has one: read inside the transaction, so a
+        submit needs no round trip of its own for it."""
+        run_script(
+            self._watch_endpoint,
+            [endpoint_key(tenant), target_key(subject), WATCH_KEY],
+            [subject],
+            transaction,
+        )
 
     def watched(self) -> Iterator[str]:
         """Every subject still waiting for its event."""

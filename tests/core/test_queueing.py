@@ -20,6 +20,7 @@ from shared.core.queueing import (
     enqueue,
     make_celery,
     visibility_timeout_s,
+    wake_message,
 )
 from shared.core.quotas import Quotas
 from shared.core.scheduler import FairScheduler
@@ -44,7 +45,6 @@ def test_reliability_settings(settings: Settings) -> None:
     assert conf.worker_soft_shutdown_timeout == 0
     transport = conf.broker_transport_options
     assert transport["socket_timeout"] == transport["socket_connect_timeout"] > 0
-    assert conf.task_publish_retry_policy["max_retries"] <= 3
     assert conf.task_ignore_result  # job state lives in the job store, not in results
     # leases make redelivery harmless, so a message a dead worker took comes back within
     # seconds (swept every heartbeat), not after the longest job
@@ -59,29 +59,70 @@ def test_reliability_settings(settings: Settings) -> None:
     assert routes == {("gpu", "gpu", "gpu"), ("cpu", "cpu", "cpu"), ("train", "train", "train")}
 
 
-def test_enqueue_schedules_the_job_and_wakes_its_queue(settings: Settings, redis_client) -> None:
-    app = make_celery(settings)
+def test_enqueue_schedules_the_job_and_wakes_its_queue(redis_client) -> None:
     jobs, scheduler = JobStore(redis_client), FairScheduler(redis_client, Quotas())
     generate = jobs.create(Job.new("acme", "generate", {}))
     encode = jobs.create(Job.new("acme", "encode", {}))
-    enqueue(app, scheduler, generate)
-    enqueue(app, scheduler, encode)
+    assert enqueue(scheduler, generate) and enqueue(scheduler, encode)
     assert redis_client.llen("gpu") == 1 and redis_client.llen("cpu") == 1
     message = json.loads(redis_client.lindex("gpu", 0))
     assert message["headers"]["task"] == TASK_NAME
     assert json.loads(base64.b64decode(message["body"]))[0] == ["gpu"]  # a queue, not a job
     assert scheduler.pending("gpu", "acme")["interactive"] == [generate.id]
     assert scheduler.pending("cpu", "acme")["interactive"] == [encode.id]
-    enqueue(app, scheduler, generate)  # already waiting: no second wake-up
+    assert not enqueue(scheduler, generate)  # already waiting: no second wake-up
     jobs.cancel(encode.id)
-    enqueue(app, scheduler, encode)  # no longer queued: nothing
+    assert not enqueue(scheduler, encode)  # no longer queued: nothing
     assert redis_client.llen("gpu") == 1 and redis_client.llen("cpu") == 1
+
+
+def test_enqueue_in_a_transaction_happens_with_it_or_not_at_all(redis_client) -> None:
+    jobs, scheduler = JobStore(redis_client), FairScheduler(redis_client, Quotas())
+    job = Job.new("acme", "generate", {})
+    transaction = redis_client.pipeline()
+    jobs.create(job, transaction)
+    assert enqueue(scheduler, job, transaction) is None
+    assert jobs.get(job.id) is None and redis_client.llen("gpu") == 0  # nothing before it runs
+    transaction.reset()  # dropped: still nothing
+    assert jobs.get(job.id) is None and redis_client.llen("gpu") == 0
+    transaction = redis_client.pipeline()
+    jobs.create(job, transaction)
+    enqueue(scheduler, job, transaction)
+    transaction.execute()
+    assert scheduler.pending("gpu", "acme")["interactive"] == [job.id]
+    assert redis_client.llen("gpu") == 1
+
+
+def test_a_wake_up_is_stored_as_celery_itself_sends_it(settings: Settings, redis_client) -> None:
+    """The wake-up the scheduler's script puts on the broker is the list entry Celery's own
+    send_task writes, but for its ids: a worker cannot tell them apart."""
+    make_celery(settings).send_task(TASK_NAME, args=["gpu"], queue="gpu", ignore_result=True)
+    theirs = json.loads(redis_client.rpop("gpu"))
+    queue, stored = wake_message("gpu")
+    ours = json.loads(stored)
+    assert queue == "gpu"
+    ids = {"id", "root_id", "origin"}  # the task's own, and the sending host and process
+    assert {k: v for k, v in ours["headers"].items() if k not in ids} == {
+        k: v for k, v in theirs["headers"].items() if k not in ids
+    }
+    assert (
+        ours["headers"]["id"] == ours["headers"]["root_id"] == ours["properties"]["correlation_id"]
+    )
+    own = {"correlation_id", "delivery_tag", "reply_to"}
+    assert {k: v for k, v in ours["properties"].items() if k not in own} == {
+        k: v for k, v in theirs["properties"].items() if k not in own
+    }
+    assert base64.b64decode(ours["body"]) == base64.b64decode(theirs["body"])
+    assert {k: v for k, v in ours.items() if k not in ("headers", "properties")} == {
+        k: v for k, v in theirs.items() if k not in ("headers", "properties")
+    }
+    assert wake_message("gpu")[1] != stored  # each wake-up its own task id and delivery tag
 
 
 def test_enqueue_rejects_unknown_types(settings: Settings, redis_client) -> None:
     scheduler = FairScheduler(redis_client, Quotas())
     with pytest.raises(ValueError, match="unknown job type"):
-        enqueue(make_celery(settings), scheduler, Job.new("acme", "karaoke", {}))
+        enqueue(scheduler, Job.new("acme", "karaoke", {}))
     assert redis_client.llen("gpu") == 0
 
 

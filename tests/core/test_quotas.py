@@ -60,8 +60,11 @@ def test_audio_seconds_are_reserved_and_given_back_when_a_job_does_not_succeed(
 ) -> None:
     jobs = JobStore(redis_client)
     kept, dropped = (jobs.create(Job.new("acme", "generate", {"duration_s": 30})) for _ in "ab")
+    transaction = redis_client.pipeline()
     for job in (kept, dropped):
-        quotas.reserve_audio("acme", job.id, audio_seconds(job.params))
+        quotas.reserve_audio("acme", job.id, audio_seconds(job.params), transaction)
+    assert quotas.usage("acme")["audio_seconds_today"] == 0  # once the transaction runs
+    transaction.execute()
     assert quotas.usage("acme")["audio_seconds_today"] == 60
     jobs.cancel(dropped.id)
     jobs.cancel(dropped.id)  # given back once

@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 
 from shared.core.jobs import Job, JobStore
+from shared.core.queueing import enqueue
 from shared.core.quotas import Quotas, QuotaStore
 from shared.core.scheduler import FairScheduler
 
@@ -36,7 +37,7 @@ def queue_jobs(
     ids = []
     for _ in range(n):
         job = jobs.create(Job.new(tenant, "generate", PARAMS, priority=priority))
-        assert scheduler.push(job)
+        assert enqueue(scheduler, job)
         ids.append(job.id)
     return ids
 
@@ -106,9 +107,9 @@ def test_a_cancelled_queued_job_leaves_the_scheduler(jobs, scheduler, quotas) ->
 def test_only_queued_jobs_are_pushed_and_only_once(jobs, scheduler) -> None:
     (job_id,) = queue_jobs(jobs, scheduler, "a", 1)
     job = jobs.get(job_id)
-    assert not scheduler.push(job)  # already pending (a duplicate send)
+    assert not enqueue(scheduler, job)  # already pending (a duplicate send)
     jobs.cancel(job_id)
-    assert not scheduler.push(job)  # cancelled: never queued again
+    assert not enqueue(scheduler, job)  # cancelled: never queued again
 
 
 def test_a_reaped_job_comes_back_through_the_scheduler(jobs, scheduler, quotas) -> None:
@@ -119,7 +120,7 @@ def test_a_reaped_job_comes_back_through_the_scheduler(jobs, scheduler, quotas) 
     ((outcome, job),) = jobs.reap(3)
     assert outcome == "requeued" and quotas.usage("a")["queued"] == 1
     assert quotas.usage("a")["running"] == 0
-    assert scheduler.push(job)
+    assert enqueue(scheduler, job)
     again = scheduler.next("gpu", "w2", 30, 3)
     assert again.job.id == job_id and again.job.attempts == 2 and again.job.worker == "w2"
 
@@ -127,7 +128,7 @@ def test_a_reaped_job_comes_back_through_the_scheduler(jobs, scheduler, quotas) 
 def test_a_job_past_the_attempt_cap_ends_instead_of_starting(jobs, scheduler, quotas) -> None:
     job = jobs.create(Job.new("a", "generate", PARAMS))
     jobs._redis.hset(f"job:{job.id}", "attempts", "3")
-    assert scheduler.push(job)
+    assert enqueue(scheduler, job)
     (ok,) = queue_jobs(jobs, scheduler, "a", 1)
     picked = scheduler.next("gpu", "w1", 30, 3)
     assert picked.job.id == ok
@@ -138,7 +139,7 @@ def test_a_job_past_the_attempt_cap_ends_instead_of_starting(jobs, scheduler, qu
 def test_queues_are_scheduled_apart(jobs, scheduler) -> None:
     gpu = queue_jobs(jobs, scheduler, "a", 1)
     encode = jobs.create(Job.new("a", "encode", {"upload_id": "x"}))
-    assert scheduler.push(encode)
+    assert enqueue(scheduler, encode)
     assert scheduler.next("cpu", "w1", 30, 3).job.id == encode.id
     assert scheduler.next("cpu", "w1", 30, 3).outcome == "empty"
     assert scheduler.next("gpu", "w1", 30, 3).job.id == gpu[0]
@@ -151,5 +152,5 @@ def test_queued_jobs_left_adrift_are_found_and_waiting_ones_are_not(jobs, schedu
     waiting.stage = "waiting"  # on its encode step: pushed only when that succeeds
     jobs.create(waiting)
     assert scheduler.adrift() == [adrift.id]
-    assert scheduler.push(adrift) and scheduler.adrift() == []
+    assert enqueue(scheduler, adrift) and scheduler.adrift() == []
     assert pending in scheduler.pending("gpu", "a")["interactive"]

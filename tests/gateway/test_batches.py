@@ -10,10 +10,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 
 from api.gateway import create_app
 from shared.core.config import Settings
 from shared.core.jobs import JobStore
+from shared.core.queueing import enqueue
 from shared.core.quotas import Quotas
 from shared.core.scheduler import FairScheduler
 from shared.core.storage import LocalStore, artifact_key
@@ -38,8 +40,8 @@ def make_settings(redis_url: str, tmp_path: Path, **extra: str) -> Settings:
 
 
 @pytest.fixture
-def celery() -> RecordingCelery:
-    return RecordingCelery()
+def celery(redis_client: redis.Redis) -> RecordingCelery:
+    return RecordingCelery(broker=redis_client)
 
 
 @pytest.fixture
@@ -203,7 +205,7 @@ def test_cancelling_a_batch_cancels_what_has_not_finished(client, keys, jobs, st
     assert states == ["succeeded", "running", "cancelled", "cancelled"]
     assert jobs.get(ids[1]).cancel_requested
     scheduler = FairScheduler(redis_client, Quotas())
-    assert not any(scheduler.push(jobs.get(i)) for i in ids[2:])  # the sender skips them
+    assert not any(enqueue(scheduler, jobs.get(i)) for i in ids[2:])  # the sender skips them
     jobs.mark_cancelled(ids[1])  # what its worker does at the next frame
     after = client.get(f"/v1/batches/{batch['id']}", headers=keys["acme"]).get_json()
     assert after["state"] == "cancelled" and after["counts"]["cancelled"] == 3

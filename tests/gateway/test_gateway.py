@@ -52,8 +52,8 @@ def settings(redis_url: str, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def celery() -> RecordingCelery:
-    return RecordingCelery(consumed=("cpu",))
+def celery(redis_client: redis.Redis) -> RecordingCelery:
+    return RecordingCelery(consumed=("cpu",), broker=redis_client)
 
 
 @pytest.fixture
@@ -341,19 +341,33 @@ def test_decode_of_a_finished_job_names_its_parent(client, keys, jobs, store, ce
     decode = submit(client, keys["acme"], body)
     assert decode.status_code == 202
     assert decode.get_json()["parent_job_id"] == job_id
-    assert celery.sent[-1]["queue"] == "gpu"
+    assert [sent["queue"] for sent in celery.sent] == ["gpu", "gpu"]  # the song, its decode
     other = submit(client, keys["other"], body)
     assert other.status_code == 404 and other.get_json()["error"]["field"] == (
         "params.source_job_id"
     )
 
 
-def test_enqueue_failure_is_503_and_fails_the_job(client, keys, celery, jobs) -> None:
-    celery.fail_sends = True
+def test_a_submit_redis_cannot_record_is_503_and_leaves_nothing_behind(
+    client, keys, celery, monkeypatch
+) -> None:
+    """Job, audio reservation, scheduler entry and wake-up are one transaction: a submit whose
+    transaction fails leaves none of them (no job sits queued without its wake-up)."""
+    execute = redis.client.Pipeline.execute
+
+    def transaction_fails(pipe: redis.client.Pipeline, raise_on_error: bool = True) -> list:
+        if pipe.transaction:
+            raise redis.ConnectionError("Redis went away")
+        return execute(pipe, raise_on_error)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", transaction_fails)
     reply = submit(client, keys["acme"])
-    assert reply.status_code == 503
-    (job,) = client.get("/v1/jobs", headers=keys["acme"]).get_json()["jobs"]
-    assert job["state"] == "failed" and job["error"]["code"] == "enqueue_failed"
+    assert reply.status_code == 503 and reply.get_json()["error"]["code"] == "unavailable"
+    monkeypatch.undo()
+    assert client.get("/v1/jobs", headers=keys["acme"]).get_json()["jobs"] == []
+    usage = client.get("/v1/usage", headers=keys["acme"]).get_json()
+    assert usage["queued"]["used"] == usage["audio_seconds_today"]["used"] == 0
+    assert celery.sent == []
 
 
 def test_real_celery_enqueues_only_valid_jobs(
@@ -422,7 +436,7 @@ def test_audio_upload_is_stored_and_usable(client, keys, store, celery, redis_cl
     key = f"tenants/acme/uploads/{info['id']}/take_one.wav"
     assert store.get_bytes(key) == wav_bytes(0.5, 8000, 2)
     encode = submit(client, keys["acme"], {"type": "encode", "params": {"upload_id": info["id"]}})
-    assert encode.status_code == 202 and celery.sent[-1]["queue"] == "cpu"
+    assert encode.status_code == 202 and [sent["queue"] for sent in celery.sent] == ["cpu"]
     other = submit(client, keys["other"], {"type": "encode", "params": {"upload_id": info["id"]}})
     assert other.status_code == 404 and other.get_json()["error"]["field"] == "params.upload_id"
     as_tokens = submit(
@@ -698,7 +712,7 @@ def test_extend_inherits_the_parents_prompt(client, keys, celery, song) -> None:
     job = reply.get_json()
     assert job["parent_job_id"] == song
     assert (job["params"]["tags"], job["params"]["lyrics"]) == ("piano,happy", "la la")
-    assert celery.sent[-1]["queue"] == "gpu"
+    assert [sent["queue"] for sent in celery.sent] == ["gpu", "gpu"]  # the song, its extension
     own = {"source_job_id": song, "tags": "rock", "lyrics": "", "duration_s": 5.0}
     job = submit(client, keys["acme"], {"type": "extend", "params": own}).get_json()
     assert (job["params"]["tags"], job["params"]["lyrics"]) == ("rock", "")
@@ -766,9 +780,12 @@ def test_cancelling_a_queued_step_cancels_the_job_waiting_for_it(client, keys, j
 
 def test_transcribe_takes_an_upload_or_a_songs_audio(client, keys, celery, song) -> None:
     upload_id = upload(client, keys["acme"], wav_bytes(), "take.wav").get_json()["id"]
-    for params in ({"upload_id": upload_id}, {"source_job_id": song, "language": "en"}):
+    for count, params in enumerate(
+        ({"upload_id": upload_id}, {"source_job_id": song, "language": "en"}), start=1
+    ):
         reply = submit(client, keys["acme"], {"type": "transcribe", "params": params})
-        assert reply.status_code == 202 and celery.sent[-1]["queue"] == "cpu"
+        assert reply.status_code == 202
+        assert [sent["queue"] for sent in celery.sent] == ["gpu"] + ["cpu"] * count  # song first
     both = {"upload_id": upload_id, "source_job_id": song}
     reply = submit(client, keys["acme"], {"type": "transcribe", "params": both})
     assert reply.status_code == 422 and reply.get_json()["error"]["field"] == "params.upload_id"

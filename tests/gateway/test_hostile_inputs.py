@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 import soundfile
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 from werkzeug.wrappers import Response
@@ -44,8 +45,8 @@ def settings_for(redis_url: str, data_dir: Path, **extra: str) -> Settings:
 
 
 @pytest.fixture
-def celery() -> RecordingCelery:
-    return RecordingCelery(consumed=("cpu",))
+def celery(redis_client: redis.Redis) -> RecordingCelery:
+    return RecordingCelery(consumed=("cpu",), broker=redis_client)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
 from api.gateway import create_app
 from shared.core.jobs import JobStore
@@ -20,8 +21,8 @@ from tests.support.fakes import RecordingCelery
 
 
 @pytest.fixture
-def celery() -> RecordingCelery:
-    return RecordingCelery()
+def celery(redis_client: redis.Redis) -> RecordingCelery:
+    return RecordingCelery(broker=redis_client)
 
 
 @pytest.fixture

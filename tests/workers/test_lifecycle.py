@@ -16,6 +16,7 @@ import redis
 from shared.core.config import Settings
 from shared.core.jobs import Job, JobStore, UploadStore, job_key
 from shared.core.progress import Aborted
+from shared.core.queueing import enqueue
 from shared.core.quotas import Quotas, QuotaStore
 from shared.core.scheduler import FairScheduler
 from shared.core.storage import LocalStore, artifact_key
@@ -177,7 +178,7 @@ def test_run_next_runs_the_schedulers_choice_and_resends_a_parked_wake_up(
     QuotaStore(redis_client, Quotas()).set("acme", {"max_running": 1})
     first, second = (_submit(runner, lambda *_: _output()) for _ in range(2))
     for job in (first, second):
-        assert runner.scheduler.push(job)
+        assert enqueue(runner.scheduler, job)
 
     def blocked_meanwhile(job: Job, progress: object, should_abort: Callable[[], bool]) -> Output:
         # another slot's wake-up while this one runs: the tenant is at its limit

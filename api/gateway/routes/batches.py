@@ -246,15 +246,17 @@ def create_batch() -> ResponseReturnValue:
             return _replay(existing, digest)
     items_out: list[tuple[str | None, str]] = []
     to_send: list[str] = []
+    transaction = services().redis.pipeline(transaction=True)
     for custom_id, item in prepared:
-        job, to_queue = record(item, tenant, None, priority="batch")
+        job, to_queue = record(item, tenant, None, transaction, priority="batch")
         items_out.append((custom_id, job.id))
         to_send.append((to_queue or job).id)
+    if webhook_url is not None:
+        WebhookStore(services().redis).watch(batch_subject(batch.id), webhook_url, transaction)
+    transaction.execute()
     # the workers send the Celery messages (see workers/background.py): thousands take a
     # while, and an HTTP request must not
     store.create(batch, items_out, to_send)
-    if webhook_url is not None:
-        WebhookStore(services().redis).watch(batch_subject(batch.id), webhook_url)
     response = jsonify(_out(batch))
     response.status_code = 202
     response.headers["Location"] = f"/v1/batches/{batch.id}"

@@ -120,7 +120,7 @@ def create_dataset() -> ResponseReturnValue:
     DatasetStore(svc.redis).create(dataset)
     for job in encodes:
         try:
-            enqueue(svc.celery, tenancy().scheduler, job)
+            enqueue(tenancy().scheduler, job)
         except Exception as error:  # broker away: the item shows failed, saying so
             svc.jobs.fail(job.id, "enqueue_failed", f"could not queue the job: {error}")
     response = jsonify(dataset_out(dataset, resolver))

@@ -10,7 +10,7 @@ from api.gateway.app import services
 from api.gateway.auth import authenticate, current_tenant
 from api.gateway.errors import ApiError
 from api.gateway.limits import json_body
-from api.gateway.submission import webhook_target
+from api.gateway.submission import checked_webhook_url
 from shared.core.batches import BatchStore
 from shared.core.webhooks import (
     EVENTS,
@@ -85,7 +85,7 @@ def set_endpoint() -> ResponseReturnValue:
         raise ApiError(422, "invalid_params", "must be a URL string or null", "url")
     tenant = current_tenant()
     if url is not None:
-        webhook_target(tenant, url, "url")
+        checked_webhook_url(tenant, url, "url")
     _hooks().set_endpoint(tenant, url)
     return get_webhooks()
 
