@@ -103,6 +103,8 @@ class WorkerModels:
                     s.device,
                     s.dtype,
                     s.engine_max_rows,
+                    compile=s.engine_compile,
+                    cuda_graphs=s.engine_cuda_graphs,
                     adapters=AdapterCapacity(
                         s.adapter_slots, s.adapter_max_rank, s.adapter_targets
                     ),

@@ -38,6 +38,10 @@ class Settings:
     device: str | None = None
     dtype: str | None = None
     engine_max_rows: int = 16
+    # the engine's frame step: torch.compile'd (one variant per step shape, compiled when first
+    # met), and on CUDA replayed as one CUDA graph per shape; off until measured on a GPU
+    engine_compile: bool = False
+    engine_cuda_graphs: bool = False
     # LoRA adapters a GPU worker keeps on the device (one batch mixes them), the highest rank
     # it serves (smaller ranks are zero-padded) and the projections it can adapt
     adapter_slots: int = 8
@@ -114,6 +118,8 @@ class Settings:
             device=reader.get("DEVICE", None, str),
             dtype=reader.get("DTYPE", None, _dtype),
             engine_max_rows=reader.get("ENGINE_MAX_ROWS", cls.engine_max_rows, _positive(int)),
+            engine_compile=reader.get("ENGINE_COMPILE", cls.engine_compile, _bool),
+            engine_cuda_graphs=reader.get("ENGINE_CUDA_GRAPHS", cls.engine_cuda_graphs, _bool),
             adapter_slots=reader.get("ADAPTER_SLOTS", cls.adapter_slots, _non_negative_int),
             adapter_max_rank=reader.get("ADAPTER_MAX_RANK", cls.adapter_max_rank, _positive(int)),
             adapter_targets=reader.get("ADAPTER_TARGETS", cls.adapter_targets, _lora_targets),

@@ -131,3 +131,14 @@ def test_adapter_serving_settings_are_parsed_and_checked() -> None:
         Settings.from_env({"HEARTCLUSTER_ADAPTER_TARGETS": "q_proj,lm_head"})
     with pytest.raises(SettingsError, match="HEARTCLUSTER_ADAPTER_MAX_RANK"):
         Settings.from_env({"HEARTCLUSTER_ADAPTER_MAX_RANK": "0"})
+
+
+def test_engine_compile_and_cuda_graphs_are_off_unless_asked_for() -> None:
+    assert not Settings.from_env({}).engine_compile
+    assert not Settings.from_env({}).engine_cuda_graphs
+    on = Settings.from_env(
+        {"HEARTCLUSTER_ENGINE_COMPILE": "1", "HEARTCLUSTER_ENGINE_CUDA_GRAPHS": "true"}
+    )
+    assert on.engine_compile and on.engine_cuda_graphs
+    with pytest.raises(SettingsError, match="HEARTCLUSTER_ENGINE_COMPILE"):
+        Settings.from_env({"HEARTCLUSTER_ENGINE_COMPILE": "sometimes"})

@@ -70,6 +70,20 @@ def runner(
     client.close()
 
 
+def test_the_engine_settings_reach_the_engine(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """HEARTCLUSTER_ENGINE_CUDA_GRAPHS gets to the engine, which refuses it on the CPU."""
+    settings = Settings.from_env(
+        {
+            "HEARTCLUSTER_MODEL_DIR": str(tiny_model_dir),
+            "HEARTCLUSTER_DATA_DIR": str(tmp_path),
+            "HEARTCLUSTER_DEVICE": "cpu",
+            "HEARTCLUSTER_ENGINE_CUDA_GRAPHS": "1",
+        }
+    )
+    with pytest.raises(ValueError, match="cuda_graphs: needs a CUDA device"):
+        WorkerModels(settings).engine()
+
+
 def _new(runner: JobRunner, type: str, params: dict, **fields) -> Job:
     job = dataclasses.replace(Job.new("acme", type, params), **fields)
     return runner.jobs.create(job)
