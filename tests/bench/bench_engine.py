@@ -152,7 +152,8 @@ def main() -> None:
     print(
         f"model: {'3B sizes' if args.real_sizes else 'tiny'} on {engine.model.device} "
         f"({engine.model.dtype}); {frames} frames per song; cfg {args.cfg_scale}; "
-        f"medians of {args.repeats} interleaved runs; {torch.get_num_threads()} CPU thread(s)"
+        f"medians of {args.repeats} interleaved runs; {torch.get_num_threads()} CPU thread(s); "
+        f"engine step {'compiled' if args.compile else 'eager'}"
     )
 
     one, reference = interleaved(
