@@ -9,6 +9,7 @@ scheduler entry and its wake-up): a submit is recorded whole or not at all, in o
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,8 +142,8 @@ def record(
     already used the idempotency key. The job's audio seconds count against today's quota once
     the transaction has run.
 
-    The idempotency key is claimed at once, with the job: should the transaction then fail,
-    the job waits queued until a worker's sweep for jobs in no pending set queues it.
+    The idempotency key is claimed at once, with the job (see `launch` should the transaction
+    then fail).
     """
     svc = services()
     submission, params, first_step = prepared.submission, prepared.params, prepared.first_step
@@ -194,7 +195,13 @@ def launch(prepared: Prepared, tenant: str, key: str | None) -> tuple[Job, bool]
     if to_queue is None:
         return job, False
     enqueue(tenancy().scheduler, to_queue, transaction)
-    transaction.execute()
+    try:
+        transaction.execute()
+    except redis.RedisError:
+        if key is not None:  # recorded on its own, with the key: it must not wait forever
+            with suppress(redis.RedisError):
+                services().jobs.fail(job.id, "enqueue_failed", "could not queue the job")
+        raise
     return job, True
 
 

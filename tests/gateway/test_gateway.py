@@ -348,11 +348,8 @@ def test_decode_of_a_finished_job_names_its_parent(client, keys, jobs, store, ce
     )
 
 
-def test_a_submit_redis_cannot_record_is_503_and_leaves_nothing_behind(
-    client, keys, celery, monkeypatch
-) -> None:
-    """Job, audio reservation, scheduler entry and wake-up are one transaction: a submit whose
-    transaction fails leaves none of them (no job sits queued without its wake-up)."""
+def break_transactions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every MULTI/EXEC fails as if Redis went away; plain pipelines still work."""
     execute = redis.client.Pipeline.execute
 
     def transaction_fails(pipe: redis.client.Pipeline, raise_on_error: bool = True) -> list:
@@ -361,12 +358,36 @@ def test_a_submit_redis_cannot_record_is_503_and_leaves_nothing_behind(
         return execute(pipe, raise_on_error)
 
     monkeypatch.setattr(redis.client.Pipeline, "execute", transaction_fails)
+
+
+def test_a_submit_redis_cannot_record_is_503_and_leaves_nothing_behind(
+    client, keys, celery, monkeypatch
+) -> None:
+    """Job, audio reservation, scheduler entry and wake-up are one transaction: a submit whose
+    transaction fails leaves none of them (no job sits queued without its wake-up)."""
+    break_transactions(monkeypatch)
     reply = submit(client, keys["acme"])
     assert reply.status_code == 503 and reply.get_json()["error"]["code"] == "unavailable"
     monkeypatch.undo()
     assert client.get("/v1/jobs", headers=keys["acme"]).get_json()["jobs"] == []
     usage = client.get("/v1/usage", headers=keys["acme"]).get_json()
     assert usage["queued"]["used"] == usage["audio_seconds_today"]["used"] == 0
+    assert celery.sent == []
+
+
+def test_an_idempotent_submit_redis_cannot_queue_ends_failed_not_waiting(
+    client, keys, celery, monkeypatch
+) -> None:
+    """With a key the job is recorded first (the key names it); when the rest cannot be
+    written it fails, so a retry with the key finds it ended instead of queued forever."""
+    headers = {**keys["acme"], "Idempotency-Key": "k-outage"}
+    break_transactions(monkeypatch)
+    assert submit(client, headers).status_code == 503
+    monkeypatch.undo()
+    again = submit(client, headers)
+    assert again.status_code == 200 and again.headers["Idempotent-Replayed"] == "true"
+    job = again.get_json()
+    assert job["state"] == "failed" and job["error"]["code"] == "enqueue_failed"
     assert celery.sent == []
 
 
