@@ -28,6 +28,8 @@ LONGER = {"tags": "piano", "duration_s": 2.0, "cfg_scale": 1.0}
 ENGINE_ROWS = 4  # two task threads per worker: two slots
 SLOTS = ENGINE_ROWS // 2
 TIMEOUT_S = 180
+# The first jobs to finish while both tenants are backlogged: 2:1 weights give heavy 20 of them.
+SPLIT_OF = 30
 
 
 @pytest.fixture(scope="module")
@@ -120,12 +122,12 @@ def test_a_newcomer_starts_before_a_backlog_drains(cluster: FaultCluster, worker
 
 def test_weights_split_the_slots(cluster: FaultCluster) -> None:
     heavy, light = tenant(cluster, "heavy", weight=2), tenant(cluster, "light")
-    mine = {heavy: submit_many(cluster, heavy, 60), light: submit_many(cluster, light, 60)}
+    mine = {heavy: submit_many(cluster, heavy, 40), light: submit_many(cluster, light, 40)}
     ids = mine[heavy] + mine[light]  # both backlogged before a worker starts
     cluster.start_worker("gpu-a")
     try:
         deadline = time.monotonic() + TIMEOUT_S
-        while sum(job.state == "succeeded" for job in cluster.jobs(ids).values()) < 45:
+        while sum(job.state == "succeeded" for job in cluster.jobs(ids).values()) < SPLIT_OF:
             assert time.monotonic() < deadline, "too slow"
             time.sleep(0.2)
     finally:
@@ -133,9 +135,9 @@ def test_weights_split_the_slots(cluster: FaultCluster) -> None:
     done = sorted(
         (job for job in cluster.jobs(ids).values() if job.state == "succeeded"),
         key=lambda job: job.finished_at,
-    )[:45]
+    )[:SPLIT_OF]
     split = Counter(job.tenant for job in done)
-    assert 26 <= split[heavy] <= 34 and split[heavy] + split[light] == 45, split
+    assert 18 <= split[heavy] <= 22 and split[heavy] + split[light] == SPLIT_OF, split
     for name, jobs in mine.items():
         cancel_all(cluster, name, jobs)
 
