@@ -170,8 +170,9 @@ def test_interactive_jobs_start_before_earlier_batch_jobs(
 
 def test_running_and_queued_limits_hold_through_a_killed_worker(cluster: FaultCluster) -> None:
     name = tenant(cluster, "limited", max_running=1, max_queued=3)
-    cluster.start_worker("gpu-a")
-    cluster.start_worker("gpu-b")
+    cluster.start_worker("gpu-a", wait=False)  # both load at once, then the jobs come
+    cluster.start_worker("gpu-b", wait=False)
+    cluster.wait_workers(["gpu-a", "gpu-b"])
     ids = submit_many(cluster, name, 1, LONGER)
     running = _running(cluster, ids)
     refused = None
