@@ -208,9 +208,7 @@ def test_running_and_queued_limits_hold_through_a_killed_worker(cluster: FaultCl
     finally:
         stop.set()
         sampler.join()
-        for name_ in ("gpu-a", "gpu-b"):
-            if cluster.alive(name_):
-                cluster.stop_worker(name_)
+        cluster.stop_workers([n for n in ("gpu-a", "gpu-b") if cluster.alive(n)])
     jobs = cluster.jobs(ids)
     assert all(job.state == "succeeded" for job in jobs.values()), jobs
     assert jobs[running.id].attempts == 2  # the killed run counted
