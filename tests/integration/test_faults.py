@@ -219,8 +219,7 @@ def test_a_poison_job_is_capped_within_a_few_lease_periods(cluster: FaultCluster
 
 
 def test_a_revoked_job_never_runs_after_a_worker_restart(cluster: FaultCluster) -> None:
-    for name in ("gpu-a", "gpu-b"):
-        cluster.stop_worker(name)
+    cluster.stop_workers(["gpu-a", "gpu-b"])
     [revoked] = _songs(cluster, 1)
     assert cluster.cancel("alice", revoked).json()["state"] == "cancelled"
     cluster.start_worker("gpu-a", wait=False)

@@ -28,6 +28,8 @@ LONGER = {"tags": "piano", "duration_s": 2.0, "cfg_scale": 1.0}
 ENGINE_ROWS = 4  # two task threads per worker: two slots
 SLOTS = ENGINE_ROWS // 2
 TIMEOUT_S = 180
+# The first jobs to finish while both tenants are backlogged: 2:1 weights give heavy 20 of them.
+SPLIT_OF = 30
 
 
 @pytest.fixture(scope="module")
@@ -120,12 +122,12 @@ def test_a_newcomer_starts_before_a_backlog_drains(cluster: FaultCluster, worker
 
 def test_weights_split_the_slots(cluster: FaultCluster) -> None:
     heavy, light = tenant(cluster, "heavy", weight=2), tenant(cluster, "light")
-    mine = {heavy: submit_many(cluster, heavy, 60), light: submit_many(cluster, light, 60)}
+    mine = {heavy: submit_many(cluster, heavy, 40), light: submit_many(cluster, light, 40)}
     ids = mine[heavy] + mine[light]  # both backlogged before a worker starts
     cluster.start_worker("gpu-a")
     try:
         deadline = time.monotonic() + TIMEOUT_S
-        while sum(job.state == "succeeded" for job in cluster.jobs(ids).values()) < 45:
+        while sum(job.state == "succeeded" for job in cluster.jobs(ids).values()) < SPLIT_OF:
             assert time.monotonic() < deadline, "too slow"
             time.sleep(0.2)
     finally:
@@ -133,9 +135,9 @@ def test_weights_split_the_slots(cluster: FaultCluster) -> None:
     done = sorted(
         (job for job in cluster.jobs(ids).values() if job.state == "succeeded"),
         key=lambda job: job.finished_at,
-    )[:45]
+    )[:SPLIT_OF]
     split = Counter(job.tenant for job in done)
-    assert 26 <= split[heavy] <= 34 and split[heavy] + split[light] == 45, split
+    assert 18 <= split[heavy] <= 22 and split[heavy] + split[light] == SPLIT_OF, split
     for name, jobs in mine.items():
         cancel_all(cluster, name, jobs)
 
@@ -168,8 +170,9 @@ def test_interactive_jobs_start_before_earlier_batch_jobs(
 
 def test_running_and_queued_limits_hold_through_a_killed_worker(cluster: FaultCluster) -> None:
     name = tenant(cluster, "limited", max_running=1, max_queued=3)
-    cluster.start_worker("gpu-a")
-    cluster.start_worker("gpu-b")
+    cluster.start_worker("gpu-a", wait=False)  # both load at once, then the jobs come
+    cluster.start_worker("gpu-b", wait=False)
+    cluster.wait_workers(["gpu-a", "gpu-b"])
     ids = submit_many(cluster, name, 1, LONGER)
     running = _running(cluster, ids)
     refused = None
@@ -205,9 +208,7 @@ def test_running_and_queued_limits_hold_through_a_killed_worker(cluster: FaultCl
     finally:
         stop.set()
         sampler.join()
-        for name_ in ("gpu-a", "gpu-b"):
-            if cluster.alive(name_):
-                cluster.stop_worker(name_)
+        cluster.stop_workers([n for n in ("gpu-a", "gpu-b") if cluster.alive(n)])
     jobs = cluster.jobs(ids)
     assert all(job.state == "succeeded" for job in jobs.values()), jobs
     assert jobs[running.id].attempts == 2  # the killed run counted

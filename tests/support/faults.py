@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections import Counter
@@ -155,17 +156,21 @@ class FaultCluster:
             self.wait_workers([name])
 
     def wait_workers(self, names: list[str], timeout_s: float = 120) -> None:
+        """Until each named worker answers that it consumes (asked by name, so the answer
+        comes as soon as they all reply, not after the inspect timeout)."""
         celery = make_celery(self.settings)
+        hosts = [f"{name}@{socket.gethostname()}" for name in names]
 
         def consuming() -> bool:
             for name in names:
                 if self.workers[name].poll() is not None:
                     raise AssertionError(f"worker {name} exited; see {self.log_path(name)}")
+            inspect = celery.control.inspect(timeout=0.5, destination=hosts, limit=len(hosts))
             try:
-                replies = celery.control.inspect(timeout=0.5).active_queues() or {}
+                replies = inspect.active_queues() or {}
             except Exception:  # noqa: BLE001 (Redis may be restarting)
                 return False
-            return all(any(host.startswith(f"{name}@") for host in replies) for name in names)
+            return all(host in replies for host in hosts)
 
         _wait(consuming, timeout_s, f"workers {names} to consume")
 
@@ -184,6 +189,13 @@ class FaultCluster:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=timeout_s)
         return time.monotonic() - started
+
+    def stop_workers(self, names: list[str], timeout_s: float = 60) -> None:
+        """SIGTERM them all, then wait for each: they stop side by side, not in turn."""
+        for name in names:
+            self.workers[name].send_signal(signal.SIGTERM)
+        for name in names:
+            self.workers[name].wait(timeout=timeout_s)
 
     def alive(self, name: str) -> bool:
         return self.workers[name].poll() is None
@@ -272,4 +284,4 @@ def _wait(check: Callable[[], bool], timeout_s: float, what: str) -> None:
     while not check():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.2)
+        time.sleep(0.05)

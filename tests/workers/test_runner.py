@@ -66,6 +66,7 @@ def runner(
         wake=lambda queue: None,
     )
     yield runner
+    runner.close()  # its heartbeat thread, started by the first job, would outlive the module
     models.close()
     client.close()
 
