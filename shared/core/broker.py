@@ -17,6 +17,7 @@ Redis script can put it on the queue in the same atomic step as the state it wak
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import uuid
 from typing import Any
@@ -58,24 +59,38 @@ def stored_message(queue: str, task_name: str, task_id: str, args: list[Any]) ->
 
     Celery builds the message (headers, properties, body); around it goes kombu's envelope, as
     the virtual channel's publish adds it (base64 body, a delivery tag of its own, the queue as
-    routing key on the default exchange, priority 0, persistent). A test checks it against what
-    Celery's `send_task` stores.
+    routing key on the default exchange, priority 0, persistent). Only the ids change from one
+    message to the next, so the rest is built once per (queue, task, args). A test checks it
+    against what Celery's `send_task` stores.
     """
-    message = _PROTOCOL.as_task_v2(task_id, task_name, args=args, ignore_result=True)
-    content_type, encoding, body = dumps(message.body, serializer="json")
+    message = _template(queue, task_name, json.dumps(args))
     return json.dumps(
         {
-            "body": base64.b64encode(body.encode()).decode(),
-            "content-encoding": encoding,
-            "content-type": content_type,
-            "headers": message.headers,
+            **message,
+            "headers": {**message["headers"], "id": task_id, "root_id": task_id},
             "properties": {
-                **message.properties,
-                "delivery_mode": 2,
-                "delivery_info": {"exchange": "", "routing_key": queue},
-                "priority": 0,
-                "body_encoding": "base64",
+                **message["properties"],
+                "correlation_id": task_id,
                 "delivery_tag": str(uuid.uuid4()),
             },
         }
     )
+
+
+@functools.cache
+def _template(queue: str, task_name: str, args_json: str) -> dict[str, Any]:
+    message = _PROTOCOL.as_task_v2("", task_name, args=json.loads(args_json), ignore_result=True)
+    content_type, encoding, body = dumps(message.body, serializer="json")
+    return {
+        "body": base64.b64encode(body.encode()).decode(),
+        "content-encoding": encoding,
+        "content-type": content_type,
+        "headers": message.headers,
+        "properties": {
+            **message.properties,
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+        },
+    }
