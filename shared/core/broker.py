@@ -63,7 +63,7 @@ def stored_message(queue: str, task_name: str, task_id: str, args: list[Any]) ->
     message to the next, so the rest is built once per (queue, task, args). A test checks it
     against what Celery's `send_task` stores.
     """
-    message = _template(queue, task_name, json.dumps(args))
+    message = _template(queue, task_name, tuple(args))
     return json.dumps(
         {
             **message,
@@ -78,8 +78,8 @@ def stored_message(queue: str, task_name: str, task_id: str, args: list[Any]) ->
 
 
 @functools.cache
-def _template(queue: str, task_name: str, args_json: str) -> dict[str, Any]:
-    message = _PROTOCOL.as_task_v2("", task_name, args=json.loads(args_json), ignore_result=True)
+def _template(queue: str, task_name: str, args: tuple[Any, ...]) -> dict[str, Any]:
+    message = _PROTOCOL.as_task_v2("", task_name, args=list(args), ignore_result=True)
     content_type, encoding, body = dumps(message.body, serializer="json")
     return {
         "body": base64.b64encode(body.encode()).decode(),
